@@ -1,0 +1,46 @@
+"""motg_fast kernels: mixture-of-token generation ops with a PyTorch reference twin each.
+
+Standalone (imports only torch and triton): copy this folder into any codebase.
+
+    from motg_fast.kernels import mixture_step, mixture_embed, mixture_logprobs, action_logprob
+
+Every op picks its path with `backend=None|"reference"|"triton"` or, globally, the
+environment variable `MOTG_BACKEND`.
+"""
+
+from ._backend import BACKENDS, HAS_TRITON, resolve_backend
+from ._validation import LIKELIHOODS, REPRESENTATIVES, SELECTIONS, WEIGHTINGS
+from .likelihood import (
+    action_logprob,
+    concrete_log_density,
+    dirichlet_log_density,
+    plackett_luce_logprob,
+)
+from .mixture_embed import mixture_embed, mixture_embed_ref
+from .mixture_logprobs import mixture_logprobs, mixture_logprobs_ref
+from .mixture_math import gumbel_noise, ordering_keys, token_slot
+from .mixture_step import MixtureStep, mixture_step, mixture_step_ref
+
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "LIKELIHOODS",
+    "REPRESENTATIVES",
+    "SELECTIONS",
+    "WEIGHTINGS",
+    "MixtureStep",
+    "action_logprob",
+    "concrete_log_density",
+    "dirichlet_log_density",
+    "gumbel_noise",
+    "mixture_embed",
+    "mixture_embed_ref",
+    "mixture_logprobs",
+    "mixture_logprobs_ref",
+    "mixture_step",
+    "mixture_step_ref",
+    "ordering_keys",
+    "plackett_luce_logprob",
+    "resolve_backend",
+    "token_slot",
+]

@@ -1,0 +1,167 @@
+"""Building blocks of one MoT-G step, in plain PyTorch (rows of a batch are independent).
+
+Shapes: B rows, V vocabulary entries, k candidate slots. Every function here is pure and
+works in float32 (float64 where asked) whatever the input dtype. The reference rollout step
+(`mixture_step.py`) is these blocks in sequence; the Triton path reuses the parts that run
+after the logits pass (the Dirichlet draw, the representative token).
+
+Conventions:
+- Ordering: candidates are ranked by a score in float32; equal scores rank the lower token
+  id first. `ordering_keys` packs (score, id) into one int64 whose integer order is exactly
+  that ranking, so `torch.topk` on it is deterministic.
+- Noise: Gumbel(0, 1) noise is `-log(-log(u))`, `u` uniform in (0, 1) from `torch.rand`.
+  Each random draw accepts either a `torch.Generator` or an explicit noise tensor.
+- Slot mask: a slot is valid when its token has non-zero probability and it survives the
+  optional `top_p` / `min_p` filters; slot 0 is always valid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._validation import REPRESENTATIVES, WEIGHTINGS, check_choice
+
+_LOW_ID_BITS = 32
+
+
+def gumbel_noise(
+    shape: tuple[int, ...], *, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gumbel(0, 1) noise in float32, `-log(-log(u))` with `u ~ U(0, 1)` clamped away from 0."""
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    u = u.clamp_(min=torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(u))
+
+
+def ordering_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Pack float32 `scores [B,V]` and their column ids into int64 keys `[B,V]`.
+
+    Integer order of the keys = descending score, ties broken by the lower id. The high 32
+    bits hold the float's bits mapped to a signed integer of the same order (`-0.0` is
+    folded onto `+0.0`); the low 32 bits hold `2**32 - 1 - id`.
+    """
+    if scores.dtype != torch.float32:
+        raise TypeError(f"ordering_keys expects float32 scores, got {scores.dtype}")
+    bits = (scores + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # sign-magnitude -> two's order
+    ids = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
+    return (ordered << _LOW_ID_BITS) | ((1 << _LOW_ID_BITS) - 1 - ids)
+
+
+def select_candidates(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids `[B,k]` (int64) of the k largest float32 `scores [B,V]`, best first, ties lower id."""
+    keys = ordering_keys(scores).topk(k, dim=-1, sorted=True).values
+    return (1 << _LOW_ID_BITS) - 1 - (keys & ((1 << _LOW_ID_BITS) - 1))
+
+
+def slot_mask(
+    slot_logprobs: torch.Tensor,
+    max_logprob: torch.Tensor,
+    *,
+    top_p: float | None = None,
+    min_p: float | None = None,
+) -> torch.Tensor:
+    """Validity `[B,k]` (bool) of the slots from their log-probs `[B,k]` and the row max `[B]`.
+
+    A slot is valid when its probability is non-zero and it passes the filters:
+    `top_p` keeps the smallest prefix of slots whose probability mass reaches `top_p`
+    (a slot stays while the mass of the slots before it is below `top_p`);
+    `min_p` keeps slots with `p_j >= min_p * max p` (max over the whole vocabulary).
+    Slot 0 is always valid.
+    """
+    valid = torch.isfinite(slot_logprobs)
+    if top_p is not None:
+        probs = slot_logprobs.exp()
+        mass_before = probs.cumsum(-1) - probs
+        valid &= mass_before < top_p
+    if min_p is not None and min_p > 0:
+        valid &= slot_logprobs >= max_logprob.unsqueeze(-1) + math.log(min_p)
+    valid[:, 0] = True
+    return valid
+
+
+def renormalised_logprobs(slot_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`log p̃ [B,k]`: log-probs renormalised over the valid slots, −inf on masked ones."""
+    masked = slot_logprobs.masked_fill(~mask, float("-inf"))
+    return masked - masked.logsumexp(-1, keepdim=True)
+
+
+def log_dirichlet_draw(
+    alpha: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Log of unnormalised Gamma(alpha) draws `[B,k]` in float64, safe for tiny alpha.
+
+    Uses `X = Y * U**(1/alpha)` with `Y ~ Gamma(alpha + 1)`, `U ~ U(0, 1)`, in log space,
+    so a small concentration never underflows to an all-zero weight vector.
+    """
+    alpha = alpha.to(torch.float64)
+    y = torch._standard_gamma(alpha + 1.0, generator=generator)
+    u = torch.rand(alpha.shape, dtype=torch.float64, device=alpha.device, generator=generator)
+    u = u.clamp_(min=torch.finfo(torch.float64).tiny)
+    return y.log() + u.log() / alpha
+
+
+def mixture_weights(
+    slot_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    weighting: str,
+    *,
+    concentration: float = 1.0,
+    gumbel_temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    weight_noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mixture weights `w [B,k]` (float32): non-negative, zero on masked slots, sum 1.
+
+    - `prob`: `p̃`, the probabilities renormalised over the valid slots.
+    - `dirichlet`: `w ~ Dir(concentration * p̃)` over the valid slots (drawn with
+      `generator`; explicit noise is not accepted).
+    - `gumbel`: `softmax((log p̃ + g) / gumbel_temperature)`, `g` Gumbel noise `[B,k]`
+      from `weight_noise` or drawn with `generator`.
+    """
+    check_choice("weighting", weighting, WEIGHTINGS)
+    log_p = renormalised_logprobs(slot_logprobs.float(), mask)
+    if weighting == "prob":
+        logits = log_p
+    elif weighting == "dirichlet":
+        if weight_noise is not None:
+            raise ValueError("weight_noise applies to weighting='gumbel' only")
+        alpha = (concentration * log_p.exp()).masked_fill(~mask, 1.0)
+        logits = log_dirichlet_draw(alpha, generator).masked_fill(~mask, float("-inf"))
+    else:
+        if weight_noise is None:
+            weight_noise = gumbel_noise(tuple(log_p.shape), device=log_p.device, generator=generator)
+        logits = (log_p + weight_noise.float()) / gumbel_temperature
+    return logits.softmax(-1).to(torch.float32).masked_fill(~mask, 0.0)
+
+
+def representative_slot(
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    representative: str = "sample",
+    *,
+    generator: torch.Generator | None = None,
+    token_noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Slot index `[B]` (int64) of the representative token.
+
+    `sample`: `y ~ Cat(w)` by Gumbel-max on `log w` (noise `[B,k]` from `token_noise` or
+    `generator`); `argmax`: the heaviest slot (lower slot first on ties).
+    """
+    check_choice("representative", representative, REPRESENTATIVES)
+    scores = weights.float().log().masked_fill(~mask, float("-inf"))
+    if representative == "sample":
+        if token_noise is None:
+            token_noise = gumbel_noise(tuple(scores.shape), device=scores.device, generator=generator)
+        scores = scores + token_noise.float()
+    return scores.argmax(-1)
+
+
+def token_slot(ids: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Index `[...]` of `token [...]` within `ids [..., k]` (ids of a step are distinct)."""
+    hit = ids == token.unsqueeze(-1)
+    if not bool(hit.any(-1).all()):
+        raise ValueError("token is not among ids in some rows")
+    return hit.to(torch.int8).argmax(-1)
