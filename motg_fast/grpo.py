@@ -1,0 +1,167 @@
+"""GRPO objective as pure functions: group advantages, clipped surrogate, k3 KL, aggregation.
+
+Shapes: B sequences (B = groups × G, members of a group contiguous), T completion positions.
+Per-position log-likelihoods `logp [B,T]` are those of the current policy (any likelihood of
+`motg_fast.kernels.action_logprob`), `old_logp [B,T]` those of the policy that produced the
+rollout, `ref_logp [B,T]` those of a frozen reference; `mask [B,T]` marks real positions.
+
+    A   = (r − mean_G r) / (std + ε)     std: of the group, of the whole batch, or none (1)
+    ρ   = exp(logp − old_logp)
+    obj = min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A)
+    kl  = exp(ref − logp) − (ref − logp) − 1            (k3 estimator, ≥ 0)
+    per-position loss = −obj + β kl
+    `grpo`    mean over each sequence's positions, then over sequences
+    `dapo`    mean over all positions of the batch
+    `dr_grpo` sum over all positions / (B · max_len)
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADVANTAGE_SCALINGS = ("group", "batch", "none")
+AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scaling: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """Advantages `[B]` from rewards `[B]` in contiguous groups of `group_size`.
+
+    `scaling`: `"group"` divides by each group's standard deviation, `"batch"` by the
+    standard deviation of all rewards in the batch, `"none"` leaves the centred rewards.
+    Standard deviations are population ones (divide by n), so G = 1 is well defined; a
+    group whose rewards are all equal gets exactly zero advantages (never NaN, even with
+    `eps = 0`).
+    """
+    _check_choice("advantage scaling", scaling, ADVANTAGE_SCALINGS)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of group_size={group_size}"
+        )
+    grouped = rewards.float().view(-1, group_size)
+    spread = grouped.std(-1, correction=0, keepdim=True)
+    centred = torch.where(spread > 0, grouped - grouped.mean(-1, keepdim=True), 0.0)
+    if scaling == "group":
+        centred = torch.where(spread > 0, centred / (spread + eps), 0.0)
+    elif scaling == "batch":
+        batch_spread = rewards.float().std(correction=0)
+        centred = centred / (batch_spread + eps) if batch_spread > 0 else centred
+    return centred.view(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-position k3 estimate of KL(π‖π_ref): `exp(ref − logp) − (ref − logp) − 1`."""
+    delta = ref_logp - logp
+    return delta.exp() - delta - 1.0
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(objective [B,T], ratio [B,T], clipped [B,T] bool)` of the PPO-style surrogate.
+
+    `advantages` is `[B]` (broadcast over positions) or `[B,T]`. `clipped` marks positions
+    where the clipped branch is active (zero gradient): ρ > 1 + ε_high with A > 0, or
+    ρ < 1 − ε_low with A < 0.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
+    ratio = (logp - old_logp).exp()
+    unclipped = ratio * adv
+    clipped_obj = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    objective = torch.minimum(unclipped, clipped_obj)
+    clipped = ((ratio > 1.0 + eps_high) & (adv > 0)) | ((ratio < 1.0 - eps_low) & (adv < 0))
+    return objective, ratio, clipped
+
+
+def aggregate(
+    per_position: torch.Tensor, mask: torch.Tensor, mode: str, *, max_len: int | None = None
+) -> torch.Tensor:
+    """Scalar from per-position values `[B,T]` over `mask [B,T]` (see module docstring).
+
+    `max_len` is the `dr_grpo` normaliser (the configured maximum completion length);
+    it defaults to T. Sequences with no position contribute zero under `grpo`.
+    """
+    _check_choice("aggregation", mode, AGGREGATIONS)
+    weights = mask.to(per_position.dtype)
+    total = per_position * weights
+    if mode == "grpo":
+        per_sequence = total.sum(-1) / weights.sum(-1).clamp(min=1.0)
+        return per_sequence.mean()
+    if mode == "dapo":
+        return total.sum() / weights.sum().clamp(min=1.0)
+    normaliser = per_position.shape[0] * (max_len if max_len is not None else per_position.shape[-1])
+    return total.sum() / normaliser
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    aggregation: str = "grpo",
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO loss (to minimise) and detached metrics.
+
+    Args:
+        logp, old_logp: `[B,T]` per-position log-likelihoods (current, rollout policy).
+        advantages: `[B]` or `[B,T]`.
+        mask: `[B,T]` bool, real completion positions.
+        eps_low, eps_high: clip range `[1 − ε_low, 1 + ε_high]` (`float("inf")` disables).
+        beta: weight of the k3 KL to `ref_logp` (`[B,T]`, required when beta > 0).
+        aggregation: `"grpo"`, `"dapo"` or `"dr_grpo"` (`max_len` its normaliser).
+
+    Returns:
+        `(loss, metrics)`; metrics hold 0-dim detached tensors: `objective`, `ratio_mean`,
+        `clip_fraction`, `kl` (when a reference is given).
+    """
+    if logp.shape != old_logp.shape or logp.shape != mask.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
+            f"{tuple(mask.shape)} must share one shape [B,T]"
+        )
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip epsilons must be >= 0, got {eps_low}, {eps_high}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp from the reference model")
+    objective, ratio, clipped = clipped_surrogate(
+        logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high
+    )
+    per_position = -objective
+    metrics = {
+        "objective": _masked_mean(objective.detach(), mask),
+        "ratio_mean": _masked_mean(ratio.detach(), mask),
+        "clip_fraction": _masked_mean(clipped.to(logp.dtype), mask),
+    }
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp)
+        metrics["kl"] = _masked_mean(kl.detach(), mask)
+        if beta > 0:
+            per_position = per_position + beta * kl
+    loss = aggregate(per_position, mask, aggregation, max_len=max_len)
+    return loss, metrics
