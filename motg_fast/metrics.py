@@ -1,0 +1,107 @@
+"""Run metrics: JSON lines on disk, token-level mixture statistics, PNG plots of the curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .policy import PHASE_MIXTURE, Trajectories
+
+# Curves drawn at the end of a run, in this order, when present in the metrics.
+PLOTTED = (
+    "reward",
+    "correct",
+    "loss",
+    "kl",
+    "clip_fraction",
+    "grad_norm",
+    "completion_length",
+    "thinking_length",
+    "mixture_diversity",
+    "topk_entropy",
+    "entropy",
+    "embed_norm",
+    "heldout_accuracy",
+)
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl`; on resume, lines after the resumed step are dropped."""
+
+    def __init__(self, path: Path, *, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            kept = [r for r in self.read() if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    count = mask.sum().item()
+    return float((values * mask).sum().item() / count) if count else 0.0
+
+
+def token_statistics(traj: Trajectories, entropy: torch.Tensor | None = None) -> dict[str, float]:
+    """The paper's token-level statistics over thinking (mixture) positions.
+
+    `mixture_diversity` 1 − Σ w², `topk_entropy` the entropy of the renormalised
+    probabilities over the valid slots, `entropy` the full-distribution entropy (from the
+    rollout, `[N,T]`, when given).
+    """
+    thinking = (traj.phase == PHASE_MIXTURE).float()
+    weights = traj.weights.float()
+    stats = {"mixture_diversity": _masked_mean(1.0 - (weights**2).sum(-1), thinking)}
+    lp = traj.logprobs.float().masked_fill(~traj.mask, float("-inf"))
+    log_pt = lp - lp.logsumexp(-1, keepdim=True)
+    pt = log_pt.exp()
+    topk_entropy = -torch.where(pt > 0, pt * log_pt, torch.zeros_like(pt)).sum(-1)
+    stats["topk_entropy"] = _masked_mean(topk_entropy, thinking)
+    if entropy is not None:
+        stats["entropy"] = _masked_mean(entropy.float(), thinking)
+    return stats
+
+
+def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:
+    """One PNG per plotted metric (curve over `step`); returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in PLOTTED:
+        points = [
+            (r["step"], r[name])
+            for r in records
+            if name in r and isinstance(r[name], (int, float)) and math.isfinite(r[name])
+        ]
+        if not points:
+            continue
+        steps, values = zip(*points)
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        ax.plot(steps, values, marker="." if len(points) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

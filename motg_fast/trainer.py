@@ -1,0 +1,467 @@
+"""GRPO trainer in the mixture space (or with discrete tokens, the baseline).
+
+One training step:
+    sample prompts → rollouts (engine, no grad) → rewards → group advantages →
+    μ optimisation passes, each over micro-batches with gradient accumulation, each ending
+    in one optimizer step (clip, AdamW, warm-up schedule).
+
+The training forward (`policy.score_trajectories`) rebuilds inputs with `mixture_embed` from
+the stored ids and weights and scores actions with `mixture_logprobs` and the configured
+likelihood. With μ = 1 the old log-likelihoods come from the rollout itself (no extra
+forward); with μ > 1 from one no-grad forward before the passes. A frozen reference model
+exists only when β > 0.
+
+Scale-out: under `accelerate launch`, every process rolls out its own prompt groups
+(`prompts_per_step` is per process), gradients are averaged by DDP, metrics are averaged
+across processes. Loss normalisers are global, so N processes with B prompts each follow
+the same trajectory as one process with N·B prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import LoadedCheckpoint, latest_checkpoint, save_checkpoint, set_rng_state
+from .engine import PHASE_DISCRETE, RolloutEngine
+from .grpo import group_advantages, grpo_loss
+from .metrics import MetricsLog, plot_metrics, token_statistics
+from .policy import PHASE_MIXTURE, Trajectories, action_loglik, score_trajectories
+from .prompting import THINK_END, build_prompts
+from .rewards import RewardWeights, score_items
+
+RewardFn = Callable[[list[str], list], tuple[list[float], list[float]]]
+
+
+class PolicyScorer(torch.nn.Module):
+    """The policy as one module whose forward scores trajectories (so DDP sees it)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, traj: Trajectories, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = score_trajectories(self.model, traj, **options)
+        return scores.action_logprob, scores.embed_norm
+
+
+def step_seed(seed: int, step: int, rank: int, purpose: str) -> int:
+    """A 63-bit seed that depends only on (seed, step, rank, purpose): resumable draws."""
+    digest = hashlib.sha256(f"{seed}/{step}/{rank}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over `warmup_steps` optimizer steps, then constant."""
+    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+@dataclass
+class RolloutBatch:
+    """What one step generated: items (×G), trajectories, rewards and their statistics."""
+
+    items: list
+    traj: Trajectories
+    rewards: torch.Tensor  # [N]
+    correct: torch.Tensor  # [N]
+    entropy: torch.Tensor | None  # [N,T] full-distribution entropy at each step, if known
+    texts: list[str]
+
+
+def reasoning_gym_reward(task_set, weights: RewardWeights) -> RewardFn:
+    """Reward function over (completions, items): shaped reward and correctness (0/1)."""
+
+    def reward(completions: list[str], items: list) -> tuple[list[float], list[float]]:
+        results = score_items(completions, items, task_set, weights)
+        return [r.reward for r in results], [float(r.correct) for r in results]
+
+    return reward
+
+
+def safe_rewards(reward_fn: RewardFn, completions: list[str], items: list):
+    """Rewards that never kill training: a raising or malformed reward scores 0 (and says so)."""
+    try:
+        rewards, correct = reward_fn(completions, items)
+        rewards = [float(r) for r in rewards]
+        correct = [float(c) for c in correct]
+        if len(rewards) != len(completions) or len(correct) != len(completions):
+            raise ValueError("reward function returned the wrong number of values")
+        clean = [r if r == r and abs(r) != float("inf") else 0.0 for r in rewards]
+        return clean, correct, 0
+    except Exception as exc:  # noqa: BLE001 - a broken reward must never end a run
+        tqdm.write(f"warning: reward function raised {type(exc).__name__}: {exc}; scoring 0")
+        return [0.0] * len(completions), [0.0] * len(completions), 1
+
+
+def rollout_to_trajectories(rollout) -> Trajectories:
+    """The engine's `Rollout` as `Trajectories` (same tensors, no copy)."""
+    return Trajectories(
+        prompt_ids=rollout.prompt_ids,
+        ids=rollout.ids,
+        weights=rollout.weights,
+        mask=rollout.mask,
+        token_slot=rollout.token_slot,
+        phase=rollout.phase,
+        logprobs=rollout.logprobs,
+    )
+
+
+class Trainer:
+    """GRPO in the mixture space on Reasoning Gym (see the module docstring).
+
+    Args:
+        config: the run's `Config` (validated here).
+        model, tokenizer: optional ready objects (tests); loaded from `config.model` otherwise.
+        task_set: optional task set with `sample_train(n, rng)` and `heldout(per_task)`;
+            built from `config.tasks` otherwise.
+        reward_fn: optional `(completions, items) -> (rewards, correct)`.
+    """
+
+    def __init__(
+        self,
+        config,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer=None,
+        task_set=None,
+        reward_fn: RewardFn | None = None,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.resumed: LoadedCheckpoint | None = (
+            latest_checkpoint(self.run_dir) if config.resume else None
+        )
+        use_cuda = torch.cuda.is_available() and config.device != "cpu"
+        self.accelerator = accelerator or Accelerator(
+            cpu=not use_cuda, mixed_precision="bf16" if use_cuda else "no"
+        )
+        self.rank = self.accelerator.process_index
+        self.model, self.tokenizer = self._load_policy(model, tokenizer)
+        self.ref_model = self._reference_model() if config.beta > 0 else None
+        self.task_set = task_set if task_set is not None else self._build_tasks()
+        self.reward_fn = reward_fn or reasoning_gym_reward(
+            self.task_set, config.reward_weights()
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            betas=tuple(config.betas),
+            weight_decay=config.weight_decay,
+        )
+        total_updates = config.steps * config.mu
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_constant(round(config.warmup_ratio * total_updates))
+        )
+        self.scorer, self.optimizer, self.scheduler = self.accelerator.prepare(
+            PolicyScorer(self.model), self.optimizer, self.scheduler
+        )
+        self.engine = RolloutEngine(
+            self.model, self.tokenizer, max_new_tokens=config.max_new_tokens, think_end=THINK_END
+        )
+        self.start_step = 0
+        if self.resumed is not None:
+            self._restore(self.resumed)
+        self.metrics = (
+            MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.start_step)
+            if self.accelerator.is_main_process
+            else None
+        )
+
+    # ----------------------------------------------------------------- setup
+    def _load_policy(self, model, tokenizer):
+        from .models import load_model, load_tokenizer
+
+        source = str(self.resumed.model_dir) if self.resumed else self.config.model
+        if model is None:
+            model = load_model(
+                source, device=self.config.device, dtype=self.training_dtype(),
+                attn_implementation=self.config.attn_implementation,
+            )
+        elif self.resumed is not None:
+            model.load_state_dict(type(model).from_pretrained(source).state_dict())
+        if tokenizer is None:
+            tokenizer = load_tokenizer(source)
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        return model, tokenizer
+
+    def training_dtype(self) -> str:
+        """Weights dtype: float32 master weights unless set (bf16 compute comes from autocast)."""
+        return "float32" if self.config.dtype == "auto" else self.config.dtype
+
+    def _reference_model(self) -> torch.nn.Module:
+        """A frozen copy of the initial policy (on resume: reloaded from `config.model`)."""
+        if self.resumed is not None:
+            from .models import load_model
+
+            ref = load_model(
+                self.config.model, device=self.config.device, dtype=self.training_dtype(),
+                attn_implementation=self.config.attn_implementation,
+            )
+        else:
+            ref = copy.deepcopy(self.model)
+        ref.eval().requires_grad_(False)
+        return ref
+
+    def _build_tasks(self):
+        from .tasks import build_tasks
+
+        c = self.config
+        return build_tasks(
+            c.tasks, c.task_options, size=c.dataset_size, seed=c.seed,
+            heldout_fraction=c.heldout_fraction,
+        )
+
+    def _restore(self, ckpt: LoadedCheckpoint) -> None:
+        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+        self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        set_rng_state(ckpt.state["rng"])
+        self.start_step = ckpt.step
+
+    # ----------------------------------------------------------------- options
+    def _likelihood_options(self) -> dict:
+        c = self.config
+        return dict(
+            temperature=c.temperature,
+            likelihood=c.likelihood,
+            selection=c.selection,
+            weighting=c.weighting,
+            concentration=c.concentration,
+            gumbel_temperature=c.gumbel_temperature,
+            representative=c.representative,
+            pad_id=self.tokenizer.pad_token_id or 0,
+        )
+
+    # ----------------------------------------------------------------- one step
+    @torch.no_grad()
+    def rollout(self, step: int) -> RolloutBatch:
+        """Sample this process's prompts for `step`, generate G trajectories each, score them."""
+        c = self.config
+        rng = random.Random(step_seed(c.seed, step, self.rank, "prompts"))
+        items = self.task_set.sample_train(c.prompts_per_step, rng)
+        prompts = build_prompts(
+            self.tokenizer,
+            [item.question for item in items],
+            system_prompt=c.system_prompt,
+            max_prompt_tokens=c.max_prompt_tokens,
+        )
+        self.model.eval()
+        with self.accelerator.autocast():
+            rollout = self.engine.generate(
+                [p.ids for p in prompts],
+                group_size=c.group_size,
+                seed=step_seed(c.seed, step, self.rank, "rollout"),
+                **c.decoding_options(),
+            )
+        self.model.train()
+        expanded = [item for item in items for _ in range(c.group_size)]
+        rewards, correct, failures = safe_rewards(self.reward_fn, rollout.texts, expanded)
+        self.reward_failures = getattr(self, "reward_failures", 0) + failures
+        device = rollout.ids.device
+        return RolloutBatch(
+            items=expanded,
+            traj=rollout_to_trajectories(rollout),
+            rewards=torch.tensor(rewards, device=device),
+            correct=torch.tensor(correct, device=device),
+            entropy=getattr(rollout, "entropy", None),
+            texts=rollout.texts,
+        )
+
+    def _micro_batches(self, n: int) -> list[list[int]]:
+        size = -(-n // self.config.grad_accum)
+        return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+    def _global_sum(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="sum").item())
+
+    def _loss_scale(self, traj_mb: Trajectories, n_global: float, tokens_global: float) -> float:
+        """Weight of a micro-batch's aggregated loss so the accumulated sum is the global one.
+
+        DDP averages gradients over processes, hence the factor `num_processes`.
+        """
+        world = self.accelerator.num_processes
+        n_mb = traj_mb.ids.shape[0]
+        if self.config.aggregation == "dapo":
+            return world * float(traj_mb.completion_mask.sum()) / tokens_global
+        return world * n_mb / n_global
+
+    def optimise(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict[str, float]:
+        """μ passes over the batch; returns averaged loss metrics and the last grad norm."""
+        c = self.config
+        options = self._likelihood_options()
+        traj = batch.traj
+        n = traj.ids.shape[0]
+        n_global = self._global_sum(n)
+        tokens_global = self._global_sum(float(traj.completion_mask.sum()))
+        chunks = self._micro_batches(n)
+        old = self._old_logprobs(traj, chunks, options)
+        ref = self._ref_logprobs(traj, chunks, options) if self.ref_model is not None else None
+        sums: dict[str, float] = {}
+        grad_norm = 0.0
+        for _ in range(c.mu):
+            for i, rows in enumerate(chunks):
+                sync = i == len(chunks) - 1
+                ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.scorer)
+                with ctx, self.accelerator.autocast():
+                    mb = traj.select(rows)
+                    ell, embed_norm = self.scorer(mb, options)
+                    t = ell.shape[1]
+                    loss, m = grpo_loss(
+                        ell.float(),
+                        old[i][:, :t],
+                        advantages[rows],
+                        mb.completion_mask,
+                        eps_low=c.eps_low,
+                        eps_high=c.eps_high,
+                        beta=c.beta,
+                        ref_logp=None if ref is None else ref[i][:, :t],
+                        aggregation=c.aggregation,
+                        max_len=c.max_new_tokens,
+                    )
+                    self.accelerator.backward(loss * self._loss_scale(mb, n_global, tokens_global))
+                thinking = mb.phase == PHASE_MIXTURE
+                m["embed_norm"] = (embed_norm * thinking).sum() / thinking.sum().clamp(min=1)
+                m["loss"] = loss.detach()
+                for key, value in m.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) / (len(chunks) * c.mu)
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] = grad_norm
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        return sums
+
+    @torch.no_grad()
+    def _old_logprobs(self, traj: Trajectories, chunks, options) -> list[torch.Tensor]:
+        """Per micro-batch `[n,T]`: from the rollout (μ = 1) or a no-grad forward (μ > 1)."""
+        if self.config.mu == 1:
+            keys = ("likelihood", "selection", "weighting", "concentration",
+                    "gumbel_temperature", "representative")
+            rollout_options = {key: options[key] for key in keys}
+            return [
+                action_loglik(mb.logprobs, mb, **rollout_options).float()
+                for mb in (traj.select(rows) for rows in chunks)
+            ]
+        with self.accelerator.autocast():
+            return [
+                score_trajectories(self.model, traj.select(rows), **options).action_logprob.float()
+                for rows in chunks
+            ]
+
+    @torch.no_grad()
+    def _ref_logprobs(self, traj: Trajectories, chunks, options) -> list[torch.Tensor]:
+        with self.accelerator.autocast():
+            return [
+                score_trajectories(self.ref_model, traj.select(rows), **options).action_logprob.float()
+                for rows in chunks
+            ]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One GRPO step (rollout + optimisation); returns its metrics (averaged over ranks)."""
+        c = self.config
+        start = time.perf_counter()
+        batch = self.rollout(step)
+        rollout_time = time.perf_counter() - start
+        advantages = group_advantages(
+            batch.rewards, c.group_size, scaling=c.advantage_scaling
+        ).to(batch.rewards.device)
+        start = time.perf_counter()
+        record = self.optimise(batch, advantages)
+        train_time = time.perf_counter() - start
+        traj = batch.traj
+        lengths = traj.completion_mask.sum(-1).float()
+        record.update(token_statistics(traj, batch.entropy))
+        record.update(
+            reward=float(batch.rewards.mean()),
+            correct=float(batch.correct.mean()),
+            completion_length=float(lengths.mean()),
+            thinking_length=float((traj.phase == PHASE_MIXTURE).sum(-1).float().mean()),
+            closed_thinking=float((traj.phase == PHASE_DISCRETE).any(-1).float().mean()),
+            rollout_time=rollout_time,
+            train_time=train_time,
+            generated_tokens_per_s=float(lengths.sum()) / max(rollout_time, 1e-9),
+        )
+        return self._reduce(record)
+
+    def _reduce(self, record: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return record
+        keys = sorted(record)
+        values = torch.tensor([record[k] for k in keys], dtype=torch.float64,
+                              device=self.accelerator.device)
+        mean = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, mean.tolist()))
+
+    # ----------------------------------------------------------------- the run
+    def save(self, step: int) -> Path | None:
+        """Checkpoint after `step` (main process writes; every process waits)."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "config": self.config.to_dict(),
+            }
+            path = save_checkpoint(
+                self.run_dir, step, self.accelerator.unwrap_model(self.scorer).model,
+                self.tokenizer, state, keep=self.config.keep_checkpoints,
+            )
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        """Held-out accuracy with the evaluate code (main process; small per-task sample)."""
+        from .evaluate import evaluate
+
+        items = self.task_set.heldout(self.config.eval_questions)
+        self.model.eval()
+        try:
+            result = evaluate(self.model, self.tokenizer, self.config, items)
+        finally:
+            self.model.train()
+        return {"heldout_accuracy": float(result["overall"]["accuracy"])}
+
+    def train(self) -> list[dict]:
+        """Run from the start (or the resumed) step to `config.steps`; returns the metrics."""
+        c = self.config
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        bar = tqdm(
+            range(self.start_step, c.steps), initial=self.start_step, total=c.steps,
+            disable=not self.accelerator.is_main_process or not c.progress, desc="train",
+        )
+        for step in bar:
+            record = {"step": step + 1, **self.train_step(step)}
+            done = step + 1
+            if c.eval_every and done % c.eval_every == 0 and self.accelerator.is_main_process:
+                record.update(self.evaluate_heldout())
+            if self.metrics is not None:
+                self.metrics.append(record)
+            bar.set_postfix(
+                reward=f"{record['reward']:.3f}", acc=f"{record['correct']:.2f}",
+                tok_s=f"{record['generated_tokens_per_s']:.0f}",
+            )
+            if (c.save_every and done % c.save_every == 0) or done == c.steps:
+                self.save(done)
+        records = self.metrics.read() if self.metrics is not None else []
+        if self.accelerator.is_main_process:
+            plot_metrics(records, self.run_dir / "plots")
+        return records
