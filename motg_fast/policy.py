@@ -67,6 +67,35 @@ class Trajectories:
         )
 
 
+def pad_time(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad dimension 1 (time) of `tensor [N,T,...]` with zeros to `length`."""
+    extra = length - tensor.shape[1]
+    if extra <= 0:
+        return tensor
+    pad = torch.zeros(
+        (tensor.shape[0], extra, *tensor.shape[2:]), dtype=tensor.dtype, device=tensor.device
+    )
+    return torch.cat([tensor, pad], dim=1)
+
+
+def concat_trajectories(parts: list[Trajectories]) -> Trajectories:
+    """Stack batches along N, right-padding their time dimension to the longest."""
+    length = max(p.ids.shape[1] for p in parts)
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([pad_time(getattr(p, name), length) for p in parts])
+
+    return Trajectories(
+        prompt_ids=[ids for p in parts for ids in p.prompt_ids],
+        ids=cat("ids"),
+        weights=cat("weights"),
+        mask=cat("mask"),
+        token_slot=cat("token_slot"),
+        phase=cat("phase"),
+        logprobs=cat("logprobs"),
+    )
+
+
 @dataclass
 class SequenceBatch:
     """Model inputs of a `Trajectories` batch: L = P + T − 1 sequence positions."""

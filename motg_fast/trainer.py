@@ -37,7 +37,14 @@ from .checkpoint import LoadedCheckpoint, latest_checkpoint, save_checkpoint, se
 from .engine import PHASE_DISCRETE, RolloutEngine
 from .grpo import group_advantages, grpo_loss
 from .metrics import MetricsLog, plot_metrics, token_statistics
-from .policy import PHASE_MIXTURE, Trajectories, action_loglik, score_trajectories
+from .policy import (
+    PHASE_MIXTURE,
+    Trajectories,
+    action_loglik,
+    concat_trajectories,
+    pad_time,
+    score_trajectories,
+)
 from .prompting import THINK_END, build_prompts
 from .rewards import RewardWeights, score_items
 
@@ -75,7 +82,7 @@ class RolloutBatch:
     traj: Trajectories
     rewards: torch.Tensor  # [N]
     correct: torch.Tensor  # [N]
-    entropy: torch.Tensor | None  # [N,T] full-distribution entropy at each step, if known
+    entropy: torch.Tensor  # [N,T] full-distribution entropy at each rollout step
     texts: list[str]
 
 
@@ -172,6 +179,7 @@ class Trainer:
             self.model, self.tokenizer, max_new_tokens=config.max_new_tokens, think_end=THINK_END
         )
         self.start_step = 0
+        self.reward_failures = 0
         if self.resumed is not None:
             self._restore(self.resumed)
         self.metrics = (
@@ -248,37 +256,62 @@ class Trainer:
 
     # ----------------------------------------------------------------- one step
     @torch.no_grad()
-    def rollout(self, step: int) -> RolloutBatch:
-        """Sample this process's prompts for `step`, generate G trajectories each, score them."""
+    def _step_items(self, step: int) -> tuple[list, int]:
+        """This process's prompts for `step` and the global index of the first one.
+
+        The global batch (`prompts_per_step` × processes) is drawn from one seed and sliced
+        by rank, so it does not depend on how many processes share it.
+        """
         c = self.config
-        rng = random.Random(step_seed(c.seed, step, self.rank, "prompts"))
-        items = self.task_set.sample_train(c.prompts_per_step, rng)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        rng = random.Random(step_seed(c.seed, step, 0, "prompts"))
+        items = self.task_set.sample_train(c.prompts_per_step * world, rng)
+        first = rank * c.prompts_per_step
+        return items[first : first + c.prompts_per_step], first
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> RolloutBatch:
+        """Generate G trajectories for each of this process's prompts at `step`, score them.
+
+        Prompts go to the engine `rollout_batch_prompts` at a time (0: all at once); each
+        call is seeded by its first prompt's global index, so the trajectories of a prompt
+        depend only on (seed, step, global batch layout), not on the number of processes.
+        """
+        c = self.config
+        items, first = self._step_items(step)
         prompts = build_prompts(
             self.tokenizer,
             [item.question for item in items],
             system_prompt=c.system_prompt,
             max_prompt_tokens=c.max_prompt_tokens,
         )
+        chunk = c.rollout_batch_prompts or len(items)
+        parts, texts, entropy = [], [], []
         self.model.eval()
         with self.accelerator.autocast():
-            rollout = self.engine.generate(
-                [p.ids for p in prompts],
-                group_size=c.group_size,
-                seed=step_seed(c.seed, step, self.rank, "rollout"),
-                **c.decoding_options(),
-            )
+            for start in range(0, len(items), chunk):
+                rollout = self.engine.generate(
+                    [p.ids for p in prompts[start : start + chunk]],
+                    group_size=c.group_size,
+                    seed=step_seed(c.seed, step, first + start, "rollout"),
+                    **c.decoding_options(),
+                )
+                parts.append(rollout_to_trajectories(rollout))
+                texts += rollout.texts
+                entropy.append(rollout.entropy)
         self.model.train()
+        traj = concat_trajectories(parts)
         expanded = [item for item in items for _ in range(c.group_size)]
-        rewards, correct, failures = safe_rewards(self.reward_fn, rollout.texts, expanded)
-        self.reward_failures = getattr(self, "reward_failures", 0) + failures
-        device = rollout.ids.device
+        rewards, correct, failures = safe_rewards(self.reward_fn, texts, expanded)
+        self.reward_failures += failures
+        device = traj.ids.device
         return RolloutBatch(
             items=expanded,
-            traj=rollout_to_trajectories(rollout),
+            traj=traj,
             rewards=torch.tensor(rewards, device=device),
             correct=torch.tensor(correct, device=device),
-            entropy=getattr(rollout, "entropy", None),
-            texts=rollout.texts,
+            entropy=torch.cat([pad_time(e, traj.ids.shape[1]) for e in entropy]),
+            texts=texts,
         )
 
     def _micro_batches(self, n: int) -> list[list[int]]:
@@ -396,6 +429,7 @@ class Trainer:
             rollout_time=rollout_time,
             train_time=train_time,
             generated_tokens_per_s=float(lengths.sum()) / max(rollout_time, 1e-9),
+            reward_failures=float(self.reward_failures),
         )
         return self._reduce(record)
 
