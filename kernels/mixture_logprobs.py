@@ -1,10 +1,11 @@
 """Mixture log-probs fused with the LM head: log p' at the k stored ids of every position.
 
 Math: logits `z = h Wᵀ` for hidden `h [N,H]` and LM-head weight `W [V,H]`,
-`lse_n = logsumexp_v(z_nv/τ)`, `logprobs_nj = z_n,ids_nj/τ − lse_n`.
-Backward (upstream grads `g [N,k]` on logprobs, `g_lse [N]` on lse):
-`∂/∂z_nv = (1/τ)(Σ_j g_nj [v = ids_nj] − (Σ_j g_nj − g_lse_n) · softmax(z_n/τ)_v)`, then
-`dh = dz W`, `dW = dzᵀ h`.
+`lse_n = logsumexp_v(z_nv/τ)`, `logprobs_nj = z_n,ids_nj/τ − lse_n`, and optionally the
+entropy `ent_n = −Σ_v p_nv log p_nv` of `p_n = softmax(z_n/τ)`.
+Backward (upstream grads `g [N,k]` on logprobs, `g_lse [N]` on lse, `g_ent [N]` on entropy):
+`∂/∂z_nv = (1/τ)(Σ_j g_nj [v = ids_nj] − (Σ_j g_nj − g_lse_n) · p_nv
+− g_ent_n · p_nv (log p_nv + ent_n))`, then `dh = dz W`, `dW = dzᵀ h`.
 
 The reference materialises `[N,V]` logits (the eager baseline); the fused path streams the
 vocabulary in chunks and never holds `[N,V]`.
@@ -12,17 +13,49 @@ vocabulary in chunks and never holds `[N,V]`.
 Shapes: hidden `[..., H]`, ids `[..., k]` → logprobs `[..., k]`, logsumexp `[...]`, both
 float32 (float64 for float64 inputs). The logits are computed in the inputs' dtype, as an
 eager LM head would, and normalised in float32.
+
+Triton path (bf16/fp16/fp32 with hidden and weight of one dtype, both cast to the autocast
+dtype inside `torch.autocast` as `F.linear` would be; float64 inputs always run the
+reference):
+- forward: programs tile `(BLOCK_N rows) × (a split of the vocabulary)`; each streams its
+  split in `BLOCK_V` columns, computes the logits tile with `tl.dot` over `BLOCK_H` slices
+  of H (float32 accumulation, logits kept in float32, not rounded to the input dtype), and
+  keeps an online logsumexp (running max `m`, `Σ e^{x−m}`, `Σ e^{x−m}(x−m)` for the
+  entropy). A second kernel merges the splits per row and takes the k logits at the ids as
+  dot products `<h_n, W[ids_nj]>`. Memory: `3·splits·N` floats.
+- backward: for each chunk of `C` vocabulary columns (`C` chosen so the chunk buffer holds
+  about `DLOGITS_BUDGET_BYTES`), a kernel recomputes the logits tile by tile and writes
+  `dz [N,C]` in the input dtype (as eager autograd rounds the logits' grad); then
+  `dW[chunk] = dzᵀ h` (a matmul straight into its rows of `dW`) and `dh += dz W[chunk]`
+  (a Triton matmul accumulating into a float32 `[N,H]` buffer). Extra memory: the `[N,C]`
+  chunk and the `[N,H]` float32 accumulator. The logits are computed twice (forward and
+  backward): four `N·V·H` matmuls in all against eager's three. No atomics: deterministic.
+With float32 inputs `tl.dot` uses TF32 exactly when `torch.backends.cuda.matmul.allow_tf32`
+is set, as torch's own matmuls do.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import resolve_backend, triton_interpreter_on
 from ._validation import check_float_matrix, check_ids, check_positive, check_same_device
 from .mixture_embed import accumulation_dtype
 
-HAS_TRITON_PATH = False
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton is optional; `resolve_backend` then never
+    # picks this path, and the decorator below keeps the kernel definitions importable.
+
+    class _NoTriton:
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _NoTriton()
+
+HAS_TRITON_PATH = True
 
 
 def mixture_logprobs_ref(
@@ -33,6 +66,17 @@ def mixture_logprobs_ref(
     logits = torch.nn.functional.linear(hidden, lm_head_weight).to(acc) / temperature  # [N,V]
     lse = logits.logsumexp(-1)
     return logits.gather(-1, ids.long()) - lse.unsqueeze(-1), lse
+
+
+def mixture_logprobs_entropy_ref(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager `(logprobs [N,k], logsumexp [N], entropy [N])`, arguments as the reference."""
+    acc = accumulation_dtype(hidden, lm_head_weight)
+    logits = torch.nn.functional.linear(hidden, lm_head_weight).to(acc) / temperature  # [N,V]
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, ids.long()), logits.logsumexp(-1), entropy
 
 
 def check_logprobs_args(
@@ -57,6 +101,466 @@ def check_logprobs_args(
     check_same_device(hidden=hidden, lm_head_weight=lm_head_weight, ids=ids)
 
 
+# ---------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_tile(
+    # hidden [N,H] and weight [V,H] (row strides given, unit column strides)
+    h_ptr,
+    stride_h,
+    w_ptr,
+    stride_w,
+    H,
+    # the tile: int64 row offsets [BLOCK_N] and vocabulary columns [BLOCK_V], with masks
+    offs_n,
+    n_mask,
+    offs_v,
+    v_mask,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Float32 logits `h[offs_n] · W[offs_v]ᵀ` as a `[BLOCK_N, BLOCK_V]` tile."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        a = tl.load(
+            h_ptr + offs_n[:, None] * stride_h + offs_h[None, :],
+            mask=n_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + offs_v[:, None] * stride_w + offs_h[None, :],
+            mask=v_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _logprobs_fwd_partial_kernel(
+    # inputs: hidden [N,H], weight [V,H], 1/τ
+    h_ptr,
+    stride_h,
+    w_ptr,
+    stride_w,
+    N,
+    V,
+    H,
+    inv_tau,
+    # outputs, [splits, N] float32 each: running max m, Σ e^{x−m}, Σ e^{x−m}(x−m)
+    m_ptr,
+    s_ptr,
+    t_ptr,
+    # program (i, j) covers rows i·BLOCK_N… and vocabulary columns [j·span, (j+1)·span)
+    span,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    v_start = split * span
+    v_end = tl.minimum(v_start + span, V)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < v_end
+        x = _logits_tile(
+            h_ptr, stride_h, w_ptr, stride_w, H, offs_n, n_mask, offs_v.to(tl.int64), v_mask,
+            BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION,
+        ) * inv_tau  # fmt: skip
+        x = tl.where(v_mask[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        alpha = tl.exp(m - m_new)
+        shift = (tl.where(s > 0, m, m_new) - m_new) * s  # 0 while nothing is summed
+        e = tl.exp(x - m_new[:, None])
+        centred = tl.where(v_mask[None, :], x - m_new[:, None], 0.0)
+        t = alpha * (t + shift) + tl.sum(e * centred, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    out = split.to(tl.int64) * N + offs_n
+    tl.store(m_ptr + out, m, mask=n_mask)
+    tl.store(s_ptr + out, s, mask=n_mask)
+    tl.store(t_ptr + out, t, mask=n_mask)
+
+
+@triton.jit
+def _logprobs_fwd_finalize_kernel(
+    # per-split partials [splits, N] from the partial kernel
+    m_ptr,
+    s_ptr,
+    t_ptr,
+    splits,
+    # inputs for the logits at the ids: hidden [N,H], weight [V,H], ids [N,k], 1/τ
+    h_ptr,
+    stride_h,
+    w_ptr,
+    stride_w,
+    ids_ptr,
+    N,
+    H,
+    k,
+    inv_tau,
+    # outputs (float32): logprobs [N,k], logsumexp [N], entropy [N]
+    logp_ptr,
+    lse_ptr,
+    ent_ptr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
+    s_mask = offs_s < splits
+    m = tl.load(m_ptr + offs_s * N + row, mask=s_mask, other=float("-inf"))
+    s = tl.load(s_ptr + offs_s * N + row, mask=s_mask, other=0.0)
+    t = tl.load(t_ptr + offs_s * N + row, mask=s_mask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    live = s > 0
+    scale = tl.where(live, tl.exp(m - m_max), 0.0)
+    total = tl.sum(s * scale, axis=0)
+    m_live = tl.where(live, m, m_max)  # an empty split (m = −inf) contributes nothing
+    centred = tl.sum(scale * (t + (m_live - m_max) * s), axis=0)
+    lse = m_max + tl.log(total)
+    tl.store(lse_ptr + row, lse)
+    tl.store(ent_ptr + row, tl.log(total) - centred / total)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < k
+    ids = tl.load(ids_ptr + row * k + offs_k, mask=k_mask, other=0).to(tl.int64)
+    z = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        h = tl.load(h_ptr + row * stride_h + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + ids[:, None] * stride_w + offs_h[None, :],
+            mask=k_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        z += tl.sum(w * h[None, :], axis=1)
+    tl.store(logp_ptr + row * k + offs_k, z * inv_tau - lse, mask=k_mask)
+
+
+@triton.jit
+def _logprobs_bwd_dlogits_kernel(
+    # inputs: hidden [N,H], weight [V,H]; this launch covers columns [v0, v0 + chunk)
+    h_ptr,
+    stride_h,
+    w_ptr,
+    stride_w,
+    N,
+    V,
+    H,
+    v0,
+    chunk,
+    inv_tau,
+    # per row (float32 [N]): logsumexp, entropy, Σ_j g_j − g_lse, g_ent
+    lse_ptr,
+    ent_ptr,
+    coef_ptr,
+    gent_ptr,
+    # per slot: ids [N,K], upstream grads g [N,K] (float32)
+    ids_ptr,
+    g_ptr,
+    # output: dlogits [N, chunk] in the input dtype, row stride given
+    dz_ptr,
+    stride_dz,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = v0 + offs_c.to(tl.int64)
+    v_mask = (offs_c < chunk) & (offs_v < V)
+    x = _logits_tile(
+        h_ptr, stride_h, w_ptr, stride_w, H, offs_n, n_mask, offs_v, v_mask,
+        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION,
+    ) * inv_tau  # fmt: skip
+    lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
+    ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
+    coef = tl.load(coef_ptr + offs_n, mask=n_mask, other=0.0)
+    g_ent = tl.load(gent_ptr + offs_n, mask=n_mask, other=0.0)
+    logp = x - lse[:, None]
+    dz = -tl.exp(logp) * (coef[:, None] + g_ent[:, None] * (logp + ent[:, None]))
+    for j in tl.static_range(K):
+        id_j = tl.load(ids_ptr + offs_n * K + j, mask=n_mask, other=-1).to(tl.int64)
+        g_j = tl.load(g_ptr + offs_n * K + j, mask=n_mask, other=0.0)
+        dz += tl.where(offs_v[None, :] == id_j[:, None], g_j[:, None], 0.0)
+    tl.store(
+        dz_ptr + offs_n[:, None] * stride_dz + offs_c[None, :],
+        (dz * inv_tau).to(dz_ptr.dtype.element_ty),
+        mask=n_mask[:, None] & v_mask[None, :],
+    )
+
+
+@triton.jit
+def _matmul_accumulate_kernel(
+    # a [M,Kd] and b [Kd,P] (row strides given, unit column strides)
+    a_ptr,
+    stride_a,
+    b_ptr,
+    stride_b,
+    # c [M,P] float32 accumulator (row stride given): c += a @ b
+    c_ptr,
+    stride_c,
+    M,
+    P,
+    Kd,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_KD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_mask = offs_m < M
+    p_mask = offs_p < P
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for k0 in range(0, Kd, BLOCK_KD):
+        offs_k = k0 + tl.arange(0, BLOCK_KD)
+        k_mask = offs_k < Kd
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_a + offs_k[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k.to(tl.int64)[:, None] * stride_b + offs_p[None, :],
+            mask=k_mask[:, None] & p_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_c + offs_p[None, :]
+    c_mask = m_mask[:, None] & p_mask[None, :]
+    tl.store(c_ptrs, tl.load(c_ptrs, mask=c_mask, other=0.0) + acc, mask=c_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers: check, allocate, launch
+# ---------------------------------------------------------------------------------------
+
+# Size of the backward's dlogits chunk buffer [N, C] (C >= one tile, at most V).
+DLOGITS_BUDGET_BYTES = 128 * 2**20
+# Forward vocabulary splits on the CPU interpreter (on CUDA: enough programs for the SMs).
+_INTERPRETER_SPLITS = 4
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: float32 follows torch's TF32 switch for matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _tile_config(N: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options of the logits-tile kernels."""
+    if triton_interpreter_on():
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=32, UPCAST=True, PRECISION="ieee")
+    block_n = max(16, min(128, _next_pow2(N)))
+    block_h = 32 if dtype == torch.float32 else 64
+    return dict(
+        BLOCK_N=block_n, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False,
+        PRECISION=_dot_precision(dtype), num_warps=8, num_stages=3,
+    )  # fmt: skip
+
+
+def _matmul_config(dtype: torch.dtype) -> dict:
+    if triton_interpreter_on():
+        return dict(BLOCK_M=16, BLOCK_P=32, BLOCK_KD=32, UPCAST=True, PRECISION="ieee")
+    block_kd = 32 if dtype == torch.float32 else 64
+    return dict(
+        BLOCK_M=128, BLOCK_P=128, BLOCK_KD=block_kd, UPCAST=False,
+        PRECISION=_dot_precision(dtype), num_warps=8, num_stages=3,
+    )  # fmt: skip
+
+
+def _vocab_splits(n_blocks: int, V: int, block_v: int, device: torch.device) -> tuple[int, int]:
+    """`(splits, span)`: the forward grid's vocabulary axis; `span` is a multiple of BLOCK_V."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = _INTERPRETER_SPLITS
+    v_blocks = _cdiv(V, block_v)
+    wanted = max(1, min(v_blocks, _cdiv(target, n_blocks)))
+    span = _cdiv(v_blocks, wanted) * block_v
+    return _cdiv(V, span), span
+
+
+def _vocab_chunk(N: int, V: int, element_size: int, block_v: int) -> int:
+    """Columns per backward chunk: the `[N, C]` buffer holds about DLOGITS_BUDGET_BYTES."""
+    columns = DLOGITS_BUDGET_BYTES // max(1, N * element_size)
+    return min(V, max(block_v, columns // block_v * block_v))
+
+
+def _logprobs_forward(hidden, weight, ids, temperature):
+    """`(logprobs [N,k], logsumexp [N], entropy [N])` float32; `[N,H]`, `[V,H]`, `[N,k]`."""
+    N, H = hidden.shape
+    V, k = weight.shape[0], ids.shape[1]
+    dev = hidden.device
+    logp = torch.empty(N, k, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    ent = torch.empty(N, dtype=torch.float32, device=dev)
+    if N == 0:
+        return logp, lse, ent
+    cfg = _tile_config(N, hidden.dtype)
+    n_blocks = _cdiv(N, cfg["BLOCK_N"])
+    splits, span = _vocab_splits(n_blocks, V, cfg["BLOCK_V"], dev)
+    partial = torch.empty(3, splits, N, dtype=torch.float32, device=dev)
+    _logprobs_fwd_partial_kernel[(n_blocks, splits)](
+        hidden, hidden.stride(0), weight, weight.stride(0), N, V, H, 1.0 / temperature,
+        partial[0], partial[1], partial[2], span, **cfg,
+    )  # fmt: skip
+    _logprobs_fwd_finalize_kernel[(N,)](
+        partial[0], partial[1], partial[2], splits,
+        hidden, hidden.stride(0), weight, weight.stride(0), ids, N, H, k, 1.0 / temperature,
+        logp, lse, ent,
+        BLOCK_S=_next_pow2(splits), BLOCK_K=_next_pow2(k), BLOCK_H=min(_next_pow2(H), 256),
+    )  # fmt: skip
+    return logp, lse, ent
+
+
+def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
+    """`c += a @ b` with `c` float32 (`a [M,Kd]`, `b [Kd,P]`, unit column strides)."""
+    M, Kd = a.shape
+    P = b.shape[1]
+    cfg = _matmul_config(a.dtype)
+    grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(P, cfg["BLOCK_P"]))
+    _matmul_accumulate_kernel[grid](
+        a, a.stride(0), b, b.stride(0), c, c.stride(0), M, P, Kd, **cfg
+    )  # fmt: skip
+
+
+def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
+    """`(dh [N,H] or None, dW [V,H] or None)`, the vocabulary streamed in chunks."""
+    hidden, weight, ids, lse, ent = saved
+    g_logp, g_lse, g_ent = grads
+    N, H = hidden.shape
+    V, k = weight.shape[0], ids.shape[1]
+    dev = hidden.device
+    grad_hidden = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_hidden else None
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    if N == 0:
+        return grad_hidden, grad_weight
+    g = g_logp.float().contiguous()
+    coef = (g.sum(-1) - g_lse.float()).contiguous()
+    g_ent = g_ent.float().contiguous()
+    cfg = _tile_config(N, hidden.dtype)
+    chunk = _vocab_chunk(N, V, hidden.element_size(), cfg["BLOCK_V"])
+    dz = torch.empty(N, chunk, dtype=hidden.dtype, device=dev)
+    for v0 in range(0, V, chunk):
+        width = min(chunk, V - v0)
+        dz_chunk = dz[:, :width]
+        _logprobs_bwd_dlogits_kernel[(_cdiv(N, cfg["BLOCK_N"]), _cdiv(width, cfg["BLOCK_V"]))](
+            hidden, hidden.stride(0), weight, weight.stride(0), N, V, H, v0, width,
+            1.0 / temperature, lse, ent, coef, g_ent, ids, g, dz_chunk, dz_chunk.stride(0),
+            K=k, **cfg,
+        )  # fmt: skip
+        if need_weight:
+            torch.mm(dz_chunk.t(), hidden, out=grad_weight[v0 : v0 + width])
+        if need_hidden:
+            _matmul_accumulate(dz_chunk, weight[v0 : v0 + width], grad_hidden)
+    if need_hidden:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------
+
+
+class MixtureLogprobsFunction(torch.autograd.Function):
+    """Fused LM head + log-probs at ids with backward to hidden and weight.
+
+    `apply(hidden [N,H], weight [V,H], ids [N,k], temperature)` →
+    `(logprobs [N,k], logsumexp [N], entropy [N])`, all float32 and differentiable; hidden
+    and weight share one dtype and have unit column strides, ids are contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature):
+        logp, lse, ent = _logprobs_forward(hidden, weight, ids, temperature)
+        ctx.save_for_backward(hidden, weight, ids, lse, ent)
+        ctx.temperature = temperature
+        return logp, lse, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_lse, g_ent):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden, grad_weight = _logprobs_backward(
+            ctx.saved_tensors, (g_logp, g_lse, g_ent), ctx.temperature, need_hidden, need_weight
+        )
+        return grad_hidden, grad_weight, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------
+
+
+def _reference_path(hidden, lm_head_weight, ids, temperature, return_entropy):
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_ids = ids.reshape(-1, ids.shape[-1])
+    if return_entropy:
+        return mixture_logprobs_entropy_ref(flat_hidden, lm_head_weight, flat_ids, temperature)
+    return mixture_logprobs_ref(flat_hidden, lm_head_weight, flat_ids, temperature)
+
+
+def _triton_path(hidden, lm_head_weight, ids, temperature):
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # the LM head matmul autocasts, as F.linear
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
+    if hidden.dtype != lm_head_weight.dtype:
+        raise TypeError(
+            f"mixture_logprobs: hidden ({hidden.dtype}) and lm_head_weight "
+            f"({lm_head_weight.dtype}) must share one dtype on the Triton path"
+        )
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    if flat_hidden.stride(-1) != 1:
+        flat_hidden = flat_hidden.contiguous()
+    if lm_head_weight.stride(1) != 1:
+        lm_head_weight = lm_head_weight.contiguous()
+    flat_ids = ids.reshape(-1, ids.shape[-1]).contiguous()
+    return MixtureLogprobsFunction.apply(flat_hidden, lm_head_weight, flat_ids, temperature)
+
+
 def mixture_logprobs(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -64,7 +568,8 @@ def mixture_logprobs(
     *,
     temperature: float = 1.0,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Differentiable `log softmax(h Wᵀ/τ)` at `ids`, with the logsumexp.
 
     Args:
@@ -73,15 +578,22 @@ def mixture_logprobs(
         ids: `[..., k]` token ids whose log-probs are wanted.
         temperature: τ > 0.
         backend: None (auto), `"reference"` or `"triton"`; env `MOTG_BACKEND` as fallback.
+            float64 inputs always run the reference; the Triton path needs hidden and
+            weight in one dtype (under `torch.autocast` both take the autocast dtype).
+        return_entropy: also return the entropy of `softmax(h Wᵀ/τ)` (differentiable).
 
     Returns:
-        `(logprobs [..., k], logsumexp [...])`.
+        `(logprobs [..., k], logsumexp [...])`, float32 (float64 for float64 inputs), and
+        `entropy [...]` third when `return_entropy`.
     """
     check_logprobs_args(hidden, lm_head_weight, ids, temperature)
-    resolve_backend("mixture_logprobs", backend, hidden.device, HAS_TRITON_PATH)
+    path = resolve_backend("mixture_logprobs", backend, hidden.device, HAS_TRITON_PATH)
+    if path == "reference" or torch.float64 in (hidden.dtype, lm_head_weight.dtype):
+        outputs = _reference_path(hidden, lm_head_weight, ids, temperature, return_entropy)
+    else:
+        outputs = _triton_path(hidden, lm_head_weight, ids, temperature)
+        if not return_entropy:
+            outputs = outputs[:2]
     lead = hidden.shape[:-1]
-    logprobs, lse = mixture_logprobs_ref(
-        hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, ids.reshape(-1, ids.shape[-1]),
-        temperature,
-    )
-    return logprobs.reshape(*lead, ids.shape[-1]), lse.reshape(lead)
+    shaped = (outputs[0].reshape(*lead, ids.shape[-1]),)
+    return shaped + tuple(out.reshape(lead) for out in outputs[1:])
