@@ -1,0 +1,207 @@
+"""Tiny random causal LMs and a tiny local tokenizer for tests and CPU benchmarks.
+
+Nothing here downloads anything: models are built from configs with a fixed seed, the
+tokenizer is a hand-made byte-level BPE (the scheme of GPT-2 and Qwen) built with the
+`tokenizers` library.
+
+    tokenizer = tiny_tokenizer()          # ~280 tokens; "</think>" is 3 tokens: "</", "think", ">"
+    model = tiny_qwen2()                  # or tiny_llama(); vocab 300, float32, eval mode
+    model = SteeredLM(model, {12: eos})   # force token `eos` at absolute position 12
+
+The model vocabulary (300) is larger than the tokenizer's, as with real checkpoints whose
+embedding matrix is padded; ids past the tokenizer decode to the empty string.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+VOCAB_SIZE = 300
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+# Merges written on plain text; `_byte_level` maps them to the byte-level alphabet (" " -> "Ġ").
+_MERGES = [
+    ("t", "h"),
+    ("i", "n"),
+    ("th", "in"),
+    ("thin", "k"),
+    ("<", "/"),
+    ("a", "n"),
+    ("s", "w"),
+    ("e", "r"),
+    ("an", "sw"),
+    ("answ", "er"),
+    (" ", "t"),
+    (" t", "h"),
+    (" th", "e"),
+    (" ", "a"),
+    (" ", "i"),
+    (" i", "s"),
+    ("o", "n"),
+    ("e", "d"),
+    ("r", "e"),
+    ("a", "t"),
+    ("\n", "\n"),
+]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable-character table used by the ByteLevel pre-tokenizer."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
+
+
+def _byte_level(text: str, table: dict[int, str]) -> str:
+    return "".join(table[b] for b in text.encode("utf-8"))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of ~280 tokens with EOS and pad tokens.
+
+    Ids 0..255 are the 256 bytes (in byte order), then one id per merge, then the special
+    tokens `<|endoftext|>` (EOS) and `<|pad|>`. The end-of-thinking marker "</think>" is
+    encoded as three tokens ("</", "think", ">"), "<think>" as ("<", "think", ">").
+    """
+    table = _bytes_to_unicode()
+    vocab = {table[b]: b for b in range(256)}
+    merges = []
+    for left, right in _MERGES:
+        left_b, right_b = _byte_level(left, table), _byte_level(right, table)
+        merges.append((left_b, right_b))
+        vocab.setdefault(left_b + right_b, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _build(model_cls, config, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    return model
+
+
+def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    """A random 2-layer Qwen2 (hidden 64, 4 query / 2 KV heads, vocab 300), float32, SDPA.
+
+    `overrides` replace config fields (e.g. `hidden_size=256, num_hidden_layers=4`).
+    """
+    fields = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        **_special_ids(tiny_tokenizer()),
+    )
+    fields.update(overrides)
+    config = Qwen2Config(**fields)
+    config._attn_implementation = "sdpa"
+    return _build(Qwen2ForCausalLM, config, seed)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random 2-layer Llama (hidden 64, 4 query / 2 KV heads, vocab 300), float32, SDPA."""
+    fields = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+        **_special_ids(tiny_tokenizer()),
+    )
+    fields.update(overrides)
+    config = LlamaConfig(**fields)
+    config._attn_implementation = "sdpa"
+    return _build(LlamaForCausalLM, config, seed)
+
+
+class SteeredLM(torch.nn.Module):
+    """Wraps a causal LM and forces chosen tokens at chosen absolute positions.
+
+    `forced` maps the absolute position of a *generated* token (prompt length + completion
+    index, i.e. the position id of the input that produces it plus one) to a token id; the
+    logits of that step get `+bias` on that id, so every decoding mode picks it (its
+    probability is ~1 - e^-bias). Tokens in `suppressed` get `-bias` everywhere else (e.g.
+    the EOS id, so that a random model never stops by chance). The rest is the wrapped
+    model's.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        forced: dict[int, int],
+        *,
+        suppressed: tuple[int, ...] = (),
+        bias: float = 40.0,
+    ):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.generation_config = model.generation_config
+        self.forced = dict(forced)
+        self.suppressed = tuple(suppressed)
+        self.bias = bias
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(
+        self, *, position_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs
+    ) -> CausalLMOutputWithPast:
+        out = self.model(position_ids=position_ids, logits_to_keep=logits_to_keep, **kwargs)
+        logits = out.logits
+        produced = position_ids[:, -logits.shape[1] :] + 1  # [B,q] position each row chooses
+        shift = torch.zeros_like(logits)
+        for token in self.suppressed:
+            shift[..., token] = -self.bias
+        for position, token in self.forced.items():
+            hit = produced == position
+            shift[..., token] = torch.where(hit, self.bias, shift[..., token])
+        out.logits = logits + shift
+        return out
