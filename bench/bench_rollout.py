@@ -33,6 +33,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -60,11 +61,20 @@ def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+class NaiveRollout(NamedTuple):
+    """What the eager loop generated: N = prompts × G rows, T steps, k slots."""
+
+    tokens: int  # generated tokens (rows stop after EOS)
+    ids: torch.Tensor  # [N,T,k] candidate ids of every step
+    weights: torch.Tensor  # [N,T,k] mixture weights (one-hot after the thinking phase)
+    token: torch.Tensor  # [N,T] representative tokens
+
+
 @torch.no_grad()
 def naive_mixture_rollout(
     model, prompts, group_size, max_new_tokens, *, k, temperature, think_end_ids, eos_id, pad
-) -> int:
-    """MoT-G rollout, eager: returns the number of generated tokens."""
+) -> NaiveRollout:
+    """MoT-G rollout, eager, as the paper's code writes it."""
     device = model.device
     rows = [p for p in prompts for _ in range(group_size)]  # each member prefilled
     ids, mask = left_pad(rows, pad, device)
@@ -75,6 +85,7 @@ def naive_mixture_rollout(
     n = len(rows)
     generated = [[] for _ in range(n)]
     running, mixing = [True] * n, [True] * n
+    steps_ids, steps_weights, steps_token = [], [], []
     for _ in range(max_new_tokens):
         probs = torch.softmax(logits.float() / temperature, dim=-1)
         top_probs, top_ids = probs.topk(k, dim=-1)
@@ -86,6 +97,11 @@ def naive_mixture_rollout(
         in_mixture = torch.tensor(mixing, device=device).unsqueeze(1)
         inputs = torch.where(in_mixture.unsqueeze(2), mixed, embed(plain_token))
         token = torch.where(in_mixture, mixed_token, plain_token)
+        one_hot = torch.zeros_like(weights)
+        one_hot[:, 0] = 1
+        steps_ids.append(torch.where(in_mixture, top_ids, plain_token.expand(-1, k)))
+        steps_weights.append(torch.where(in_mixture, weights, one_hot))
+        steps_token.append(token[:, 0])
         for i in range(n):
             if not running[i]:
                 continue
@@ -106,7 +122,12 @@ def naive_mixture_rollout(
         )
         positions = positions + 1
         cache, logits = out.past_key_values, out.logits[:, -1]
-    return sum(len(g) for g in generated)
+    return NaiveRollout(
+        tokens=sum(len(g) for g in generated),
+        ids=torch.stack(steps_ids, 1),
+        weights=torch.stack(steps_weights, 1),
+        token=torch.stack(steps_token, 1),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -158,7 +179,7 @@ class Setup:
             think_end_ids=self.tokenizer.encode("</think>"),
             eos_id=-1,
             pad=self.tokenizer.pad_token_id,
-        )
+        ).tokens
         self.sync()
         return tokens
 
