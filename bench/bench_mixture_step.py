@@ -20,6 +20,7 @@ import functools
 
 import pytest
 import torch
+
 from motg_fast.kernels import mixture_step, mixture_step_ref
 from motg_fast.kernels._backend import HAS_TRITON, triton_interpreter_on
 

@@ -40,9 +40,8 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_models import SteeredLM, tiny_qwen2, tiny_tokenizer  # noqa: E402
-
 from motg_fast.engine import RolloutEngine, model_load_kwargs  # noqa: E402
+from tiny_models import SteeredLM, tiny_qwen2, tiny_tokenizer  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.9

@@ -28,17 +28,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_rollout import left_pad, naive_mixture_rollout
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
-from toy_task import ToyTasks, letter_reward  # noqa: E402
+from bench_rollout import left_pad, naive_mixture_rollout
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from motg_fast.config import Config  # noqa: E402
 from motg_fast.grpo import group_advantages  # noqa: E402
 from motg_fast.prompting import build_prompts  # noqa: E402
 from motg_fast.trainer import Trainer  # noqa: E402
+from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
+from toy_task import ToyTasks, letter_reward  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.9
@@ -48,8 +48,15 @@ K = 2
 def naive_train_step(model, optimizer, tokenizer, prompts, group_size, max_new_tokens) -> None:
     """Rollout with the eager loop, then one update through materialised logits."""
     roll = naive_mixture_rollout(
-        model, prompts, group_size, max_new_tokens, k=K, temperature=TEMPERATURE,
-        think_end_ids=tokenizer.encode("</think>"), eos_id=-1, pad=tokenizer.pad_token_id,
+        model,
+        prompts,
+        group_size,
+        max_new_tokens,
+        k=K,
+        temperature=TEMPERATURE,
+        think_end_ids=tokenizer.encode("</think>"),
+        eos_id=-1,
+        pad=tokenizer.pad_token_id,
     )
     texts = tokenizer.batch_decode(roll.token)
     rewards, _ = letter_reward(texts, [None] * len(texts))
@@ -79,20 +86,42 @@ class Setup:
         self.tokenizer = tokenizer
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.config = Config(
-            model="bench", tasks="leg_counting", run_dir=str(run_dir), seed=0, k=K,
-            selection="topk", weighting="dirichlet", likelihood="weighted",
-            temperature=TEMPERATURE, group_size=group_size, prompts_per_step=1, grad_accum=1,
-            steps=10**6, lr=1e-6, max_new_tokens=max_new_tokens, max_prompt_tokens=512,
-            save_every=0, progress=False, eps_low=math.inf, eps_high=math.inf,
+            model="bench",
+            tasks="leg_counting",
+            run_dir=str(run_dir),
+            seed=0,
+            k=K,
+            selection="topk",
+            weighting="dirichlet",
+            likelihood="weighted",
+            temperature=TEMPERATURE,
+            group_size=group_size,
+            prompts_per_step=1,
+            grad_accum=1,
+            steps=10**6,
+            lr=1e-6,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=512,
+            save_every=0,
+            progress=False,
+            eps_low=math.inf,
+            eps_high=math.inf,
             system_prompt="Answer.",
         )
         self.naive_model = copy.deepcopy(model).train()
         self.naive_optimizer = torch.optim.AdamW(self.naive_model.parameters(), lr=1e-6)
-        self.trainer = Trainer(self.config, model=model.train(), tokenizer=tokenizer,
-                               task_set=ToyTasks(), reward_fn=letter_reward)
+        self.trainer = Trainer(
+            self.config,
+            model=model.train(),
+            tokenizer=tokenizer,
+            task_set=ToyTasks(),
+            reward_fn=letter_reward,
+        )
         self.trainer.engine.eos_token_ids = []
         question = self.trainer._step_items(0)[0][0].question
-        self.prompts = [p.ids for p in build_prompts(tokenizer, [question], system_prompt="Answer.")]
+        self.prompts = [
+            p.ids for p in build_prompts(tokenizer, [question], system_prompt="Answer.")
+        ]
         self.step = 0
 
     def ours(self) -> None:
@@ -101,8 +130,14 @@ class Setup:
         self.sync()
 
     def naive(self) -> None:
-        naive_train_step(self.naive_model, self.naive_optimizer, self.tokenizer, self.prompts,
-                         self.group_size, self.max_new_tokens)
+        naive_train_step(
+            self.naive_model,
+            self.naive_optimizer,
+            self.tokenizer,
+            self.prompts,
+            self.group_size,
+            self.max_new_tokens,
+        )
         self.sync()
 
     @staticmethod
@@ -123,9 +158,15 @@ def cpu_setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpu_setup(tmp_path_factory):
     config = Qwen2Config(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-        rope_theta=1_000_000.0, tie_word_embeddings=True,
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from motg_fast.kernels import (
     mixture_embed,
     mixture_embed_ref,

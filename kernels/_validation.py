@@ -74,6 +74,5 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int, *, check_range: boo
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {got}")
     if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(
-            f"{name} must lie in [0, {vocab_size}), got range "
-            f"[{int(ids.min())}, {int(ids.max())}]"
+            f"{name} must lie in [0, {vocab_size}), got range [{int(ids.min())}, {int(ids.max())}]"
         )

@@ -89,7 +89,9 @@ def concrete_log_density(
     log_p_safe = torch.where(mask, log_p_tilde, torch.zeros_like(log_p_tilde))
     score = (log_p_safe - temperature * log_w).masked_fill(~mask, float("-inf"))
     slot_terms = _masked_sum(log_p_safe - (temperature + 1.0) * log_w, mask)
-    return torch.lgamma(m) + (m - 1.0) * math.log(temperature) + slot_terms - m * score.logsumexp(-1)
+    return (
+        torch.lgamma(m) + (m - 1.0) * math.log(temperature) + slot_terms - m * score.logsumexp(-1)
+    )
 
 
 def check_action_args(

@@ -132,7 +132,9 @@ def mixture_weights(
         logits = log_dirichlet_draw(alpha, generator).masked_fill(~mask, float("-inf"))
     else:
         if weight_noise is None:
-            weight_noise = gumbel_noise(tuple(log_p.shape), device=log_p.device, generator=generator)
+            weight_noise = gumbel_noise(
+                tuple(log_p.shape), device=log_p.device, generator=generator
+            )
         logits = (log_p + weight_noise.float()) / gumbel_temperature
     return logits.softmax(-1).to(torch.float32).masked_fill(~mask, 0.0)
 
@@ -154,7 +156,9 @@ def representative_slot(
     scores = weights.float().log().masked_fill(~mask, float("-inf"))
     if representative == "sample":
         if token_noise is None:
-            token_noise = gumbel_noise(tuple(scores.shape), device=scores.device, generator=generator)
+            token_noise = gumbel_noise(
+                tuple(scores.shape), device=scores.device, generator=generator
+            )
         scores = scores + token_noise.float()
     return scores.argmax(-1)
 

@@ -102,7 +102,9 @@ def aggregate(
         return per_sequence.mean()
     if mode == "dapo":
         return total.sum() / weights.sum().clamp(min=1.0)
-    normaliser = per_position.shape[0] * (max_len if max_len is not None else per_position.shape[-1])
+    normaliser = per_position.shape[0] * (
+        max_len if max_len is not None else per_position.shape[-1]
+    )
     return total.sum() / normaliser
 
 

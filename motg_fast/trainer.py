@@ -159,9 +159,7 @@ class Trainer:
         self.model, self.tokenizer = self._load_policy(model, tokenizer)
         self.ref_model = self._reference_model() if config.beta > 0 else None
         self.task_set = task_set if task_set is not None else self._build_tasks()
-        self.reward_fn = reward_fn or reasoning_gym_reward(
-            self.task_set, config.reward_weights()
-        )
+        self.reward_fn = reward_fn or reasoning_gym_reward(self.task_set, config.reward_weights())
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.lr,
@@ -195,7 +193,9 @@ class Trainer:
         source = str(self.resumed.model_dir) if self.resumed else self.config.model
         if model is None:
             model = load_model(
-                source, device=self.config.device, dtype=self.training_dtype(),
+                source,
+                device=self.config.device,
+                dtype=self.training_dtype(),
                 attn_implementation=self.config.attn_implementation,
             )
         elif self.resumed is not None:
@@ -217,7 +217,9 @@ class Trainer:
             from .models import load_model
 
             ref = load_model(
-                self.config.model, device=self.config.device, dtype=self.training_dtype(),
+                self.config.model,
+                device=self.config.device,
+                dtype=self.training_dtype(),
                 attn_implementation=self.config.attn_implementation,
             )
         else:
@@ -230,7 +232,10 @@ class Trainer:
 
         c = self.config
         return build_tasks(
-            c.tasks, c.task_options, size=c.dataset_size, seed=c.seed,
+            c.tasks,
+            c.task_options,
+            size=c.dataset_size,
+            seed=c.seed,
             heldout_fraction=c.heldout_fraction,
         )
 
@@ -372,7 +377,9 @@ class Trainer:
                 m["loss"] = loss.detach()
                 for key, value in m.items():
                     sums[key] = sums.get(key, 0.0) + float(value) / (len(chunks) * c.mu)
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+            grad_norm = float(
+                self.accelerator.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            )
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -384,8 +391,14 @@ class Trainer:
     def _old_logprobs(self, traj: Trajectories, chunks, options) -> list[torch.Tensor]:
         """Per micro-batch `[n,T]`: from the rollout (μ = 1) or a no-grad forward (μ > 1)."""
         if self.config.mu == 1:
-            keys = ("likelihood", "selection", "weighting", "concentration",
-                    "gumbel_temperature", "representative")
+            keys = (
+                "likelihood",
+                "selection",
+                "weighting",
+                "concentration",
+                "gumbel_temperature",
+                "representative",
+            )
             rollout_options = {key: options[key] for key in keys}
             return [
                 action_loglik(mb.logprobs, mb, **rollout_options).float()
@@ -401,7 +414,9 @@ class Trainer:
     def _ref_logprobs(self, traj: Trajectories, chunks, options) -> list[torch.Tensor]:
         with self.accelerator.autocast():
             return [
-                score_trajectories(self.ref_model, traj.select(rows), **options).action_logprob.float()
+                score_trajectories(
+                    self.ref_model, traj.select(rows), **options
+                ).action_logprob.float()
                 for rows in chunks
             ]
 
@@ -411,9 +426,9 @@ class Trainer:
         start = time.perf_counter()
         batch = self.rollout(step)
         rollout_time = time.perf_counter() - start
-        advantages = group_advantages(
-            batch.rewards, c.group_size, scaling=c.advantage_scaling
-        ).to(batch.rewards.device)
+        advantages = group_advantages(batch.rewards, c.group_size, scaling=c.advantage_scaling).to(
+            batch.rewards.device
+        )
         start = time.perf_counter()
         record = self.optimise(batch, advantages)
         train_time = time.perf_counter() - start
@@ -437,8 +452,9 @@ class Trainer:
         if self.accelerator.num_processes == 1:
             return record
         keys = sorted(record)
-        values = torch.tensor([record[k] for k in keys], dtype=torch.float64,
-                              device=self.accelerator.device)
+        values = torch.tensor(
+            [record[k] for k in keys], dtype=torch.float64, device=self.accelerator.device
+        )
         mean = self.accelerator.reduce(values, reduction="mean")
         return dict(zip(keys, mean.tolist()))
 
@@ -454,8 +470,12 @@ class Trainer:
                 "config": self.config.to_dict(),
             }
             path = save_checkpoint(
-                self.run_dir, step, self.accelerator.unwrap_model(self.scorer).model,
-                self.tokenizer, state, keep=self.config.keep_checkpoints,
+                self.run_dir,
+                step,
+                self.accelerator.unwrap_model(self.scorer).model,
+                self.tokenizer,
+                state,
+                keep=self.config.keep_checkpoints,
             )
         self.accelerator.wait_for_everyone()
         return path
@@ -479,8 +499,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
         bar = tqdm(
-            range(self.start_step, c.steps), initial=self.start_step, total=c.steps,
-            disable=not self.accelerator.is_main_process or not c.progress, desc="train",
+            range(self.start_step, c.steps),
+            initial=self.start_step,
+            total=c.steps,
+            disable=not self.accelerator.is_main_process or not c.progress,
+            desc="train",
         )
         for step in bar:
             record = {"step": step + 1, **self.train_step(step)}
@@ -490,7 +513,8 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.append(record)
             bar.set_postfix(
-                reward=f"{record['reward']:.3f}", acc=f"{record['correct']:.2f}",
+                reward=f"{record['reward']:.3f}",
+                acc=f"{record['correct']:.2f}",
                 tok_s=f"{record['generated_tokens_per_s']:.0f}",
             )
             if (c.save_every and done % c.save_every == 0) or done == c.steps:

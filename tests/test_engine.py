@@ -8,8 +8,6 @@ import random
 
 import pytest
 import torch
-from motg_fast.kernels import mixture_embed
-from tiny_models import THINK_END, SteeredLM, tiny_llama, tiny_qwen2, tiny_tokenizer
 from transformers import DynamicCache
 
 from motg_fast.cache import PreallocatedCache
@@ -22,6 +20,8 @@ from motg_fast.engine import (
     RolloutEngine,
     build_marker_table,
 )
+from motg_fast.kernels import mixture_embed
+from tiny_models import THINK_END, SteeredLM, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 PROMPT_TEXTS = ["the answer <think>", "a <think>", "is the answer is on <think>"]
 # fp32 tolerance between the engine's cached decode logits and one full forward (SDPA over

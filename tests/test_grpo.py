@@ -51,8 +51,9 @@ def test_clipped_surrogate_both_branches():
 
 def test_clipped_branch_has_no_gradient():
     logp = torch.tensor([[math.log(1.5), math.log(1.1)]], requires_grad=True)
-    obj, _, _ = clipped_surrogate(logp, torch.zeros(1, 2), torch.tensor([1.0]),
-                                  eps_low=0.2, eps_high=0.2)
+    obj, _, _ = clipped_surrogate(
+        logp, torch.zeros(1, 2), torch.tensor([1.0]), eps_low=0.2, eps_high=0.2
+    )
     obj.sum().backward()
     assert torch.allclose(logp.grad, torch.tensor([[0.0, 1.1]]))
 
@@ -84,8 +85,9 @@ def test_grpo_loss_with_kl_and_metrics():
     ref = torch.tensor([[0.0, -1.0], [0.0, 0.0]])
     mask = torch.tensor([[True, True], [True, False]])
     adv = torch.tensor([1.0, -1.0])
-    loss, metrics = grpo_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.5,
-                              ref_logp=ref, aggregation="dapo")
+    loss, metrics = grpo_loss(
+        logp, old, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.5, ref_logp=ref, aggregation="dapo"
+    )
     kl = k3_kl(logp.detach(), ref)
     per_pos = -torch.tensor([[1.2, 1.0], [-1.0, 0.0]]) + 0.5 * kl
     assert loss.item() == pytest.approx((per_pos * mask).sum().item() / 3)

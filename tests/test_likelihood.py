@@ -70,18 +70,30 @@ def test_single_valid_slot_has_zero_weight_density():
     mask[:, 0] = True
     w = mask.double()
     log_pt = renormalise(logprobs, mask)
-    assert torch.allclose(dirichlet_log_density(log_pt, w, mask, 1.0), torch.zeros(5, dtype=torch.float64))
-    assert torch.allclose(concrete_log_density(log_pt, w, mask, 0.5), torch.zeros(5, dtype=torch.float64))
+    assert torch.allclose(
+        dirichlet_log_density(log_pt, w, mask, 1.0), torch.zeros(5, dtype=torch.float64)
+    )
+    assert torch.allclose(
+        concrete_log_density(log_pt, w, mask, 0.5), torch.zeros(5, dtype=torch.float64)
+    )
 
 
 def test_token_and_weighted_likelihoods():
     logprobs, weights, mask, slot = _action()
-    token = action_logprob(logprobs, weights, mask, slot, likelihood="token",
-                           selection="topk", weighting="prob")
+    token = action_logprob(
+        logprobs, weights, mask, slot, likelihood="token", selection="topk", weighting="prob"
+    )
     assert torch.equal(token, logprobs.gather(-1, slot[:, None]).squeeze(-1))
     mask[0, 2] = False
-    weighted = action_logprob(logprobs, weights, mask, slot.clamp(max=1), likelihood="weighted",
-                              selection="sample", weighting="dirichlet")
+    weighted = action_logprob(
+        logprobs,
+        weights,
+        mask,
+        slot.clamp(max=1),
+        likelihood="weighted",
+        selection="sample",
+        weighting="dirichlet",
+    )
     p = logprobs.exp() * mask
     expected = ((p / p.sum(-1, keepdim=True)) * logprobs * mask).sum(-1)
     assert torch.allclose(weighted, expected)
@@ -89,10 +101,13 @@ def test_token_and_weighted_likelihoods():
 
 def test_exact_topk_prob_sampled_token_is_log_renormalised_prob():
     logprobs, weights, mask, slot = _action()
-    ell = action_logprob(logprobs, weights, mask, slot, likelihood="exact",
-                         selection="topk", weighting="prob")
+    ell = action_logprob(
+        logprobs, weights, mask, slot, likelihood="exact", selection="topk", weighting="prob"
+    )
     p = logprobs.exp()
-    assert torch.allclose(ell, (p / p.sum(-1, keepdim=True)).gather(-1, slot[:, None]).log().squeeze(-1))
+    assert torch.allclose(
+        ell, (p / p.sum(-1, keepdim=True)).gather(-1, slot[:, None]).log().squeeze(-1)
+    )
 
 
 def test_exact_sample_prob_is_a_normalised_distribution_over_actions():
@@ -103,9 +118,15 @@ def test_exact_sample_prob_is_a_normalised_distribution_over_actions():
     for subset in itertools.permutations(range(4), k):
         lp = log_p[list(subset)].expand(k, k)
         slots = torch.arange(k)
-        ell = action_logprob(lp, torch.zeros(k, k, dtype=torch.float64),
-                             torch.ones(k, k, dtype=torch.bool), slots, likelihood="exact",
-                             selection="sample", weighting="prob")
+        ell = action_logprob(
+            lp,
+            torch.zeros(k, k, dtype=torch.float64),
+            torch.ones(k, k, dtype=torch.bool),
+            slots,
+            likelihood="exact",
+            selection="sample",
+            weighting="prob",
+        )
         total += ell.exp().sum().item()
     assert abs(total - 1.0) < 1e-12
 
@@ -127,17 +148,33 @@ def test_exact_adds_plackett_luce_density_and_token_terms():
 def test_exact_with_no_random_part_is_an_error():
     logprobs, weights, mask, slot = _action()
     with pytest.raises(ValueError, match="deterministic"):
-        action_logprob(logprobs, weights, mask, slot, likelihood="exact", selection="topk",
-                       weighting="prob", representative="argmax")
+        action_logprob(
+            logprobs,
+            weights,
+            mask,
+            slot,
+            likelihood="exact",
+            selection="topk",
+            weighting="prob",
+            representative="argmax",
+        )
 
 
 def test_exact_skips_never_drawn_slots():
     logits = torch.full((1, 10), float("-inf"))
     logits[0, :2] = torch.tensor([0.3, -0.2])
-    step = mixture_step(logits, torch.eye(10), k=4, selection="sample",
-                        generator=torch.Generator().manual_seed(0))
-    ell = action_logprob(step.logprobs, step.weights, step.mask, token_slot(step.ids, step.token),
-                         likelihood="exact", selection="sample", weighting="prob")
+    step = mixture_step(
+        logits, torch.eye(10), k=4, selection="sample", generator=torch.Generator().manual_seed(0)
+    )
+    ell = action_logprob(
+        step.logprobs,
+        step.weights,
+        step.mask,
+        token_slot(step.ids, step.token),
+        likelihood="exact",
+        selection="sample",
+        weighting="prob",
+    )
     # both finite entries are drawn, in some order (a, b): PL = p_a · p_b / (1 − p_a) = p_a;
     # the −inf slots are never drawn and contribute nothing; y ~ p̃ = p on {a, b}
     assert step.mask[0].tolist() == [True, True, False, False]
@@ -146,7 +183,9 @@ def test_exact_skips_never_drawn_slots():
     assert torch.allclose(ell.double(), (p[0] * p[y]).log().unsqueeze(0), atol=1e-6)
 
 
-@pytest.mark.parametrize(("selection", "weighting"), list(itertools.product(SELECTIONS, WEIGHTINGS)))
+@pytest.mark.parametrize(
+    ("selection", "weighting"), list(itertools.product(SELECTIONS, WEIGHTINGS))
+)
 @pytest.mark.parametrize("likelihood", ["token", "weighted", "exact"])
 def test_likelihood_gradcheck(selection, weighting, likelihood):
     logprobs, weights, mask, slot = _action(rows=3)
@@ -156,8 +195,17 @@ def test_likelihood_gradcheck(selection, weighting, likelihood):
     logprobs.requires_grad_(True)
 
     def fn(lp):
-        return action_logprob(lp, weights, mask, slot, likelihood=likelihood, selection=selection,
-                              weighting=weighting, concentration=0.8, gumbel_temperature=0.6)
+        return action_logprob(
+            lp,
+            weights,
+            mask,
+            slot,
+            likelihood=likelihood,
+            selection=selection,
+            weighting=weighting,
+            concentration=0.8,
+            gumbel_temperature=0.6,
+        )
 
     assert torch.autograd.gradcheck(fn, (logprobs,))
 
@@ -165,14 +213,37 @@ def test_likelihood_gradcheck(selection, weighting, likelihood):
 def test_action_shape_errors():
     logprobs, weights, mask, slot = _action()
     with pytest.raises(ValueError, match="share one shape"):
-        action_logprob(logprobs, weights[:, :2], mask, slot, likelihood="token",
-                       selection="topk", weighting="prob")
+        action_logprob(
+            logprobs,
+            weights[:, :2],
+            mask,
+            slot,
+            likelihood="token",
+            selection="topk",
+            weighting="prob",
+        )
     with pytest.raises(ValueError, match="token_slot must lie"):
-        action_logprob(logprobs, weights, mask, slot + 3, likelihood="token",
-                       selection="topk", weighting="prob")
+        action_logprob(
+            logprobs,
+            weights,
+            mask,
+            slot + 3,
+            likelihood="token",
+            selection="topk",
+            weighting="prob",
+        )
     with pytest.raises(ValueError, match="unknown likelihood"):
-        action_logprob(logprobs, weights, mask, slot, likelihood="exactly",
-                       selection="topk", weighting="prob")
+        action_logprob(
+            logprobs, weights, mask, slot, likelihood="exactly", selection="topk", weighting="prob"
+        )
     with pytest.raises(ValueError, match="concentration"):
-        action_logprob(logprobs, weights, mask, slot, likelihood="exact",
-                       selection="topk", weighting="dirichlet", concentration=0.0)
+        action_logprob(
+            logprobs,
+            weights,
+            mask,
+            slot,
+            likelihood="exact",
+            selection="topk",
+            weighting="dirichlet",
+            concentration=0.0,
+        )

@@ -8,6 +8,7 @@ import importlib
 
 import pytest
 import torch
+
 from motg_fast.kernels import mixture_embed, mixture_logprobs
 
 logprobs_module = importlib.import_module("motg_fast.kernels.mixture_logprobs")

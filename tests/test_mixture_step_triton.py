@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+
 from motg_fast.kernels import SELECTIONS, WEIGHTINGS, gumbel_noise, mixture_step
 from motg_fast.kernels._backend import HAS_TRITON, triton_interpreter_on
 from motg_fast.kernels.mixture_step import (

@@ -21,8 +21,13 @@ VOCAB, K = 97, 3
 def model():
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         tie_word_embeddings=True,
     )
     return transformers.Qwen2ForCausalLM(config).eval()
@@ -77,8 +82,9 @@ def test_sequence_layout():
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
 def test_logprobs_match_a_plain_forward_per_trajectory(model, temperature):
     traj = _trajectories()
-    scores = score_trajectories(model, traj, temperature=temperature, likelihood="token",
-                                selection="topk", weighting="prob")
+    scores = score_trajectories(
+        model, traj, temperature=temperature, likelihood="token", selection="topk", weighting="prob"
+    )
     expected = _naive_logprobs(model, traj, temperature)
     real = traj.completion_mask.unsqueeze(-1).expand_as(expected)
     assert torch.allclose(scores.logprobs[real], expected[real], atol=1e-5)
@@ -92,11 +98,24 @@ def test_discrete_trajectories_match_token_logprobs_of_transformers(model):
     weights[..., 0] = 1
     mask = weights.bool()
     phase = torch.full((2, 3), PHASE_DISCRETE, dtype=torch.int8)
-    traj = Trajectories(prompts, ids, weights, mask, torch.zeros(2, 3, dtype=torch.long), phase,
-                        torch.zeros(2, 3, K))
+    traj = Trajectories(
+        prompts,
+        ids,
+        weights,
+        mask,
+        torch.zeros(2, 3, dtype=torch.long),
+        phase,
+        torch.zeros(2, 3, K),
+    )
     for likelihood in ("token", "weighted", "exact"):
-        scores = score_trajectories(model, traj, temperature=1.0, likelihood=likelihood,
-                                    selection="sample", weighting="dirichlet")
+        scores = score_trajectories(
+            model,
+            traj,
+            temperature=1.0,
+            likelihood=likelihood,
+            selection="sample",
+            weighting="dirichlet",
+        )
         for n, prompt in enumerate(prompts):
             seq = torch.tensor([prompt + completions[n].tolist()])
             logp = torch.log_softmax(model(seq).logits[0, len(prompt) - 1 : -1], -1)
@@ -107,10 +126,11 @@ def test_discrete_trajectories_match_token_logprobs_of_transformers(model):
 @pytest.mark.parametrize("likelihood", ["weighted", "exact"])
 def test_mixture_positions_use_the_chosen_likelihood_and_backprop(model, likelihood):
     traj = _trajectories()
-    kw = dict(likelihood=likelihood, selection="sample", weighting="gumbel",
-              gumbel_temperature=0.7)
+    kw = dict(likelihood=likelihood, selection="sample", weighting="gumbel", gumbel_temperature=0.7)
     scores = score_trajectories(model, traj, temperature=1.0, **kw)
-    expected = action_logprob(scores.logprobs.detach(), traj.weights, traj.mask, traj.token_slot, **kw)
+    expected = action_logprob(
+        scores.logprobs.detach(), traj.weights, traj.mask, traj.token_slot, **kw
+    )
     is_mix = traj.phase == PHASE_MIXTURE
     assert torch.allclose(scores.action_logprob.detach()[is_mix], expected[is_mix], atol=1e-5)
     loss = -(scores.action_logprob * traj.completion_mask).sum()

@@ -45,8 +45,14 @@ def test_k1_sample_is_gumbel_max_from_full_softmax(weighting, temperature, gener
     logits, embedding = _batch()
     noise = gumbel_noise((6, 37), device=logits.device, generator=generator)
     step = mixture_step(
-        logits, embedding, k=1, temperature=temperature, selection="sample",
-        weighting=weighting, selection_noise=noise, generator=generator,
+        logits,
+        embedding,
+        k=1,
+        temperature=temperature,
+        selection="sample",
+        weighting=weighting,
+        selection_noise=noise,
+        generator=generator,
     )
     expected = (logits / temperature + noise).argmax(-1)
     assert torch.equal(step.token, expected)
@@ -76,8 +82,14 @@ def test_weights_form_a_distribution_and_embeds_are_the_weighted_sum(
     logits, embedding = _batch(rows=16, vocab=41, hidden=7)
     logits[3, 5:] = float("-inf")  # a masked vocabulary with fewer finite entries than k
     step = mixture_step(
-        logits, embedding, k=6, selection=selection, weighting=weighting, temperature=0.9,
-        generator=generator, **filters,
+        logits,
+        embedding,
+        k=6,
+        selection=selection,
+        weighting=weighting,
+        temperature=0.9,
+        generator=generator,
+        **filters,
     )
     assert step.ids.shape == step.weights.shape == step.mask.shape == (16, 6)
     assert (step.weights >= 0).all()
@@ -186,8 +198,12 @@ def test_sample_selection_frequencies_match_plackett_luce():
     temperature, k, draws = 1.3, 2, 30000
     g = torch.Generator().manual_seed(11)
     step = mixture_step(
-        logits.expand(draws, 4), torch.eye(4), k=k, temperature=temperature,
-        selection="sample", generator=g,
+        logits.expand(draws, 4),
+        torch.eye(4),
+        k=k,
+        temperature=temperature,
+        selection="sample",
+        generator=g,
     )
     subsets, pl = _all_ordered_subsets_pl(torch.log_softmax(logits[0] / temperature, -1), k)
     index = {s: i for i, s in enumerate(subsets)}
@@ -250,10 +266,22 @@ def test_gumbel_weights_argmax_follows_p_tilde():
 
 def test_generator_makes_steps_reproducible():
     logits, embedding = _batch(rows=8)
-    a = mixture_step(logits, embedding, k=3, selection="sample", weighting="dirichlet",
-                     generator=torch.Generator().manual_seed(42))
-    b = mixture_step(logits, embedding, k=3, selection="sample", weighting="dirichlet",
-                     generator=torch.Generator().manual_seed(42))
+    a = mixture_step(
+        logits,
+        embedding,
+        k=3,
+        selection="sample",
+        weighting="dirichlet",
+        generator=torch.Generator().manual_seed(42),
+    )
+    b = mixture_step(
+        logits,
+        embedding,
+        k=3,
+        selection="sample",
+        weighting="dirichlet",
+        generator=torch.Generator().manual_seed(42),
+    )
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -271,7 +299,12 @@ def test_invariants_hold_for_random_shapes(rows, vocab, k, temperature, mode, se
     k = min(k, vocab)
     logits, embedding = _batch(rows=rows, vocab=vocab, hidden=3, seed=seed)
     step = mixture_step(
-        logits, embedding, k=k, temperature=temperature, selection=mode[0], weighting=mode[1],
+        logits,
+        embedding,
+        k=k,
+        temperature=temperature,
+        selection=mode[0],
+        weighting=mode[1],
         generator=torch.Generator().manual_seed(seed),
     )
     assert torch.allclose(step.weights.sum(-1), torch.ones(rows), atol=1e-5)

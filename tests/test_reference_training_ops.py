@@ -18,7 +18,9 @@ def _inputs(n=4, k=3, vocab=11, hidden=6, dtype=torch.float64, seed=0):
 def test_mixture_embed_is_the_weighted_sum_of_rows():
     embedding, ids, weights, _ = _inputs(dtype=torch.float32)
     out = mixture_embed(embedding, ids, weights)
-    expected = torch.stack([sum(w * embedding[i] for i, w in zip(r, ws)) for r, ws in zip(ids, weights)])
+    expected = torch.stack(
+        [sum(w * embedding[i] for i, w in zip(r, ws)) for r, ws in zip(ids, weights)]
+    )
     assert torch.allclose(out, expected, atol=1e-6)
 
 

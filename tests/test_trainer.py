@@ -21,10 +21,26 @@ TIMING = ("rollout_time", "train_time", "generated_tokens_per_s")
 
 def _config(tmp_path, **changes):
     base = dict(
-        model="unused-in-tests", tasks="leg_counting", run_dir=str(tmp_path / "run"), seed=3,
-        k=2, selection="topk", weighting="dirichlet", likelihood="exact", temperature=1.0,
-        group_size=4, prompts_per_step=2, grad_accum=2, steps=4, lr=3e-3, max_new_tokens=8,
-        max_prompt_tokens=64, save_every=2, progress=False, warmup_ratio=0.25, grad_clip=1.0,
+        model="unused-in-tests",
+        tasks="leg_counting",
+        run_dir=str(tmp_path / "run"),
+        seed=3,
+        k=2,
+        selection="topk",
+        weighting="dirichlet",
+        likelihood="exact",
+        temperature=1.0,
+        group_size=4,
+        prompts_per_step=2,
+        grad_accum=2,
+        steps=4,
+        lr=3e-3,
+        max_new_tokens=8,
+        max_prompt_tokens=64,
+        save_every=2,
+        progress=False,
+        warmup_ratio=0.25,
+        grad_clip=1.0,
         system_prompt="Answer.",
     )
     base.update(changes)
@@ -32,8 +48,13 @@ def _config(tmp_path, **changes):
 
 
 def _trainer(config, seed=0):
-    return Trainer(config, model=tiny_qwen2(seed=seed).train(), tokenizer=tiny_tokenizer(),
-                   task_set=ToyTasks(), reward_fn=letter_reward)
+    return Trainer(
+        config,
+        model=tiny_qwen2(seed=seed).train(),
+        tokenizer=tiny_tokenizer(),
+        task_set=ToyTasks(),
+        reward_fn=letter_reward,
+    )
 
 
 def _without_timing(records):
@@ -47,9 +68,22 @@ def test_run_writes_config_metrics_plots_and_checkpoint(tmp_path):
     assert json.loads((run / "config.json").read_text())["k"] == 2
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2] and lines == records
-    for key in ("loss", "reward", "correct", "kl", "clip_fraction", "grad_norm",
-                "completion_length", "thinking_length", "mixture_diversity", "topk_entropy",
-                "entropy", "embed_norm", "rollout_time", "train_time"):
+    for key in (
+        "loss",
+        "reward",
+        "correct",
+        "kl",
+        "clip_fraction",
+        "grad_norm",
+        "completion_length",
+        "thinking_length",
+        "mixture_diversity",
+        "topk_entropy",
+        "entropy",
+        "embed_norm",
+        "rollout_time",
+        "train_time",
+    ):
         assert key in lines[0], key
     assert (run / "plots" / "reward.png").stat().st_size > 1000
     (ckpt,) = list_checkpoints(run)
@@ -72,8 +106,11 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     resumed = Trainer(
-        dataclasses.replace(interrupted_config, resume=True), model=tiny_qwen2(seed=99).train(),
-        tokenizer=tiny_tokenizer(), task_set=ToyTasks(), reward_fn=letter_reward,
+        dataclasses.replace(interrupted_config, resume=True),
+        model=tiny_qwen2(seed=99).train(),
+        tokenizer=tiny_tokenizer(),
+        task_set=ToyTasks(),
+        reward_fn=letter_reward,
     )
     assert resumed.start_step == 2
     records = resumed.train()
@@ -93,8 +130,17 @@ def test_resume_continues_exactly(tmp_path):
     ids=["discrete", "motg-dirichlet"],
 )
 def test_reward_rises_on_a_learnable_task(tmp_path, mode):
-    config = _config(tmp_path, steps=14, save_every=0, lr=2e-2, group_size=6, prompts_per_step=2,
-                     grad_accum=1, warmup_ratio=0.0, **mode)
+    config = _config(
+        tmp_path,
+        steps=14,
+        save_every=0,
+        lr=2e-2,
+        group_size=6,
+        prompts_per_step=2,
+        grad_accum=1,
+        warmup_ratio=0.0,
+        **mode,
+    )
     records = _trainer(config).train()
     first = sum(r["reward"] for r in records[:3]) / 3
     last = sum(r["reward"] for r in records[-3:]) / 3
@@ -108,8 +154,13 @@ def test_reward_function_that_raises_never_kills_training(tmp_path):
     rewards, correct, failures = safe_rewards(broken, ["x", "y"], [None, None])
     assert rewards == [0.0, 0.0] and failures == 1
     config = _config(tmp_path, steps=1, save_every=0)
-    trainer = Trainer(config, model=tiny_qwen2(), tokenizer=tiny_tokenizer(), task_set=ToyTasks(),
-                      reward_fn=broken)
+    trainer = Trainer(
+        config,
+        model=tiny_qwen2(),
+        tokenizer=tiny_tokenizer(),
+        task_set=ToyTasks(),
+        reward_fn=broken,
+    )
     records = trainer.train()
     assert records[0]["reward"] == 0.0
 
@@ -156,13 +207,35 @@ def test_two_process_accelerate_run_agrees_with_one_process(tmp_path):
     script = str(Path(__file__).parent / "ddp_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --multi_gpu selects accelerate's torchrun launcher; without CUDA it runs gloo on the CPU
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
-    two = subprocess.run([*launch, "--num_processes", "2", script, str(tmp_path / "two"), "1", "3"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+    ]
+    two = subprocess.run(
+        [*launch, "--num_processes", "2", script, str(tmp_path / "two"), "1", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), "2", "3"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, script, str(tmp_path / "one"), "2", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     one_metrics, two_metrics = read(tmp_path / "one"), read(tmp_path / "two")

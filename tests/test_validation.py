@@ -34,7 +34,10 @@ def _step(**kw):
         ({"logits": torch.ones(2, 10, dtype=torch.long)}, "logits must be a floating-point"),
         ({"embedding": torch.randn(10, 4, device="meta")}, "must share one device"),
         ({"selection_noise": torch.randn(2, 9)}, r"selection_noise must have shape \(2, 10\)"),
-        ({"weight_noise": torch.randn(2, 3), "weighting": "gumbel"}, "weight_noise must have shape"),
+        (
+            {"weight_noise": torch.randn(2, 3), "weighting": "gumbel"},
+            "weight_noise must have shape",
+        ),
         ({"backend": "cuda"}, "unknown backend 'cuda'"),
     ],
 )
