@@ -17,9 +17,20 @@ from .likelihood import (
     plackett_luce_logprob,
 )
 from .mixture_embed import mixture_embed, mixture_embed_ref
-from .mixture_logprobs import mixture_logprobs, mixture_logprobs_ref
+from .mixture_logprobs import (
+    mixture_logprobs,
+    mixture_logprobs_entropy_ref,
+    mixture_logprobs_ref,
+)
 from .mixture_math import gumbel_noise, ordering_keys, token_slot
-from .mixture_step import MixtureStep, mixture_step, mixture_step_ref
+from .mixture_step import (
+    MixtureStep,
+    mixture_step,
+    mixture_step_ref,
+    mixture_step_triton,
+    philox_step_noise,
+    philox_step_seed,
+)
 
 __all__ = [
     "BACKENDS",
@@ -36,10 +47,14 @@ __all__ = [
     "mixture_embed",
     "mixture_embed_ref",
     "mixture_logprobs",
+    "mixture_logprobs_entropy_ref",
     "mixture_logprobs_ref",
     "mixture_step",
     "mixture_step_ref",
+    "mixture_step_triton",
     "ordering_keys",
+    "philox_step_noise",
+    "philox_step_seed",
     "plackett_luce_logprob",
     "resolve_backend",
     "token_slot",
