@@ -27,6 +27,8 @@ Rows of `dE` that no slot touches are zero.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ._backend import resolve_backend
@@ -46,6 +48,11 @@ except ImportError:  # pragma: no cover - Triton is optional; `resolve_backend` 
     triton = tl = _NoTriton()
 
 HAS_TRITON_PATH = True
+
+
+def device_guard(device: torch.device):
+    """Make `device` current: Triton launches on the current CUDA device and its stream."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -205,6 +212,7 @@ def _embed_bwd_segments_kernel(
 # ---------------------------------------------------------------------------------------
 
 _MAX_BLOCK_H = 512
+_MAX_TILE = 4096  # BLOCK_K · BLOCK_H elements a row program holds (more spills registers)
 _SEGMENT_BLOCK_M = 16
 
 
@@ -216,8 +224,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _block_h(H: int) -> int:
-    return min(_next_pow2(H), _MAX_BLOCK_H)
+def _block_h(H: int, block_k: int = 1) -> int:
+    return min(_next_pow2(H), _MAX_BLOCK_H, max(16, _MAX_TILE // block_k))
 
 
 def _embed_forward(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
@@ -227,10 +235,11 @@ def _embed_forward(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Te
     out = torch.empty(N, H, dtype=embedding.dtype, device=embedding.device)
     if N == 0 or H == 0:
         return out
-    block_h = _block_h(H)
+    block_k = _next_pow2(k)
+    block_h = _block_h(H, block_k)
     _embed_fwd_kernel[(N, _cdiv(H, block_h))](
         embedding, embedding.stride(0), ids, weights, k, H, out,
-        BLOCK_K=_next_pow2(k), BLOCK_H=block_h,
+        BLOCK_K=block_k, BLOCK_H=block_h,
     )  # fmt: skip
     return out
 
@@ -246,7 +255,7 @@ def _embed_dweights(grad, embedding, ids, weights, *, compute_dw: bool, de_acc=N
         grad, embedding, embedding.stride(0), ids, weights, k, H,
         dw if compute_dw else weights, de_acc if de_acc is not None else grad,
         COMPUTE_DW=compute_dw, SCATTER=de_acc is not None,
-        BLOCK_K=_next_pow2(k), BLOCK_H=_block_h(H),
+        BLOCK_K=_next_pow2(k), BLOCK_H=_block_h(H, _next_pow2(k)),
     )  # fmt: skip
     return dw
 
@@ -298,22 +307,24 @@ class MixtureEmbedFunction(torch.autograd.Function):
     def forward(ctx, embedding, ids, weights, deterministic):
         ctx.save_for_backward(embedding, ids, weights)
         ctx.deterministic = bool(deterministic)
-        return _embed_forward(embedding, ids, weights)
+        with device_guard(embedding.device):
+            return _embed_forward(embedding, ids, weights)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         embedding, ids, weights = ctx.saved_tensors
         need_embedding, _, need_weights, _ = ctx.needs_input_grad
-        grad_embedding, grad_weights = _embed_backward(
-            grad,
-            embedding,
-            ids,
-            weights,
-            need_embedding=need_embedding,
-            need_weights=need_weights,
-            deterministic=ctx.deterministic,
-        )
+        with device_guard(embedding.device):
+            grad_embedding, grad_weights = _embed_backward(
+                grad,
+                embedding,
+                ids,
+                weights,
+                need_embedding=need_embedding,
+                need_weights=need_weights,
+                deterministic=ctx.deterministic,
+            )
         return grad_embedding, None, grad_weights, None
 
 

@@ -40,7 +40,7 @@ import torch
 
 from ._backend import resolve_backend, triton_interpreter_on
 from ._validation import check_float_matrix, check_ids, check_positive, check_same_device
-from .mixture_embed import accumulation_dtype
+from .mixture_embed import accumulation_dtype, device_guard
 
 try:
     import triton
@@ -305,10 +305,11 @@ def _logprobs_bwd_dlogits_kernel(
     g_ent = tl.load(gent_ptr + offs_n, mask=n_mask, other=0.0)
     logp = x - lse[:, None]
     dz = -tl.exp(logp) * (coef[:, None] + g_ent[:, None] * (logp + ent[:, None]))
-    for j in tl.static_range(K):
+    for j in range(K):
         id_j = tl.load(ids_ptr + offs_n * K + j, mask=n_mask, other=-1).to(tl.int64)
+        col_j = (id_j - v0).to(tl.int32)
         g_j = tl.load(g_ptr + offs_n * K + j, mask=n_mask, other=0.0)
-        dz += tl.where(offs_v[None, :] == id_j[:, None], g_j[:, None], 0.0)
+        dz += tl.where(offs_c[None, :] == col_j[:, None], g_j[:, None], 0.0)
     tl.store(
         dz_ptr + offs_n[:, None] * stride_dz + offs_c[None, :],
         (dz * inv_tau).to(dz_ptr.dtype.element_ty),
@@ -392,10 +393,14 @@ def _tile_config(N: int, dtype: torch.dtype) -> dict:
     if triton_interpreter_on():
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=32, UPCAST=True, PRECISION="ieee")
     block_n = max(16, min(128, _next_pow2(N)))
+    block_v = 128
     block_h = 32 if dtype == torch.float32 else 64
+    precision = _dot_precision(dtype)
+    if precision == "ieee":  # float32 dots on FMA units: 128×128 tiles spill registers
+        block_n, block_v = min(block_n, 64), 64
     return dict(
-        BLOCK_N=block_n, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False,
-        PRECISION=_dot_precision(dtype), num_warps=8, num_stages=3,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=False,
+        PRECISION=precision, num_warps=8, num_stages=3,
     )  # fmt: skip
 
 
@@ -514,7 +519,8 @@ class MixtureLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, ids, temperature):
-        logp, lse, ent = _logprobs_forward(hidden, weight, ids, temperature)
+        with device_guard(hidden.device):
+            logp, lse, ent = _logprobs_forward(hidden, weight, ids, temperature)
         ctx.save_for_backward(hidden, weight, ids, lse, ent)
         ctx.temperature = temperature
         return logp, lse, ent
@@ -523,9 +529,11 @@ class MixtureLogprobsFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_lse, g_ent):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden, grad_weight = _logprobs_backward(
-            ctx.saved_tensors, (g_logp, g_lse, g_ent), ctx.temperature, need_hidden, need_weight
-        )
+        saved = ctx.saved_tensors
+        with device_guard(saved[0].device):
+            grad_hidden, grad_weight = _logprobs_backward(
+                saved, (g_logp, g_lse, g_ent), ctx.temperature, need_hidden, need_weight
+            )
         return grad_hidden, grad_weight, None, None
 
 
