@@ -72,7 +72,8 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int, *, check_range: boo
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {got}")
-    if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"{name} must lie in [0, {vocab_size}), got range [{int(ids.min())}, {int(ids.max())}]"
-        )
+    if not check_range or not ids.numel():
+        return
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} must lie in [0, {vocab_size}), got range [{low}, {high}]")
