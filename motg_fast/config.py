@@ -1,0 +1,366 @@
+"""The one run configuration of motg_fast: model, tasks, decoding, evaluation and training.
+
+Every command line (``python -m motg_fast.evaluate``, the trainer's) is generated from
+:class:`Config` by :func:`motg_fast.cli.parse_config`: one ``--flag`` per field with the field's
+type, default and help text. ``--preset NAME`` applies one of :data:`PRESETS` before the explicit
+flags. Every run writes its resolved config (:meth:`Config.save`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .prompting import SYSTEM_PROMPT
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # same as motg_fast.models.DEFAULT_MODEL (kept light)
+
+SELECTIONS = ("topk", "sample")
+WEIGHTINGS = ("prob", "dirichlet", "gumbel")
+REPRESENTATIVES = ("sample", "argmax")
+LIKELIHOODS = ("token", "weighted", "exact")
+AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
+ADVANTAGE_SCALINGS = ("group", "batch", "none")
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+
+
+def _f(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with its CLI help text."""
+    if isinstance(default, (list, dict, tuple)):
+        value = default
+        return field(default_factory=lambda: value, metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class Config:
+    """All options of a run. Defaults: the embedded SmolLM2-135M on easy ``basic_arithmetic``."""
+
+    # --- model -------------------------------------------------------------------------
+    model: str = _f(
+        DEFAULT_MODEL,
+        "model: the embedded default, a local dir/checkpoint, or a cached Hugging Face id",
+    )
+    dtype: str = _f("auto", "weights dtype (auto: bf16 on CUDA, fp32 on CPU)", choices=DTYPES)
+    device: str = _f("auto", "device: auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    attn_implementation: str | None = _f(
+        None, "attention (default: flash_attention_2 on CUDA when installed, else sdpa)"
+    )
+
+    # --- tasks -------------------------------------------------------------------------
+    tasks: str = _f(
+        "basic_arithmetic",
+        "Reasoning Gym tasks with optional weights, e.g. "
+        "'acre:2,syllogism', or a preset name: 'paper' (its ten tasks)",
+    )
+    task_options: str = _f(
+        '{"*": {"difficulty": 0}}',
+        "JSON of per-task dataset options, e.g. "
+        '\'{"leg_counting": {"max_animals": 3}}\'; "*" applies to every task; '
+        '"difficulty" is a curriculum level (0 = easiest)',
+    )
+    dataset_size: int = _f(10_000, "items generated per task (train + held out)")
+    heldout_fraction: float = _f(0.01, "fraction of each task's items held out for evaluation")
+    seed: int = _f(42, "seed of the datasets, of prompt sampling and of decoding")
+    system_prompt: str = _f(SYSTEM_PROMPT, "system prompt asking for <think>/<answer>")
+
+    # --- decoding (MoT-G; k = 1 is ordinary decoding) ----------------------------------
+    k: int = _f(2, "tokens mixed per thinking step (1 = discrete decoding)")
+    temperature: float = _f(0.9, "sampling temperature τ")
+    selection: str = _f("topk", "candidate selection", choices=SELECTIONS)
+    weighting: str = _f("prob", "mixture weights", choices=WEIGHTINGS)
+    top_p: float | None = _f(None, "nucleus filter on the k slots (none: off)")
+    min_p: float | None = _f(None, "min-p filter on the k slots (none: off)")
+    concentration: float = _f(1.0, "Dirichlet concentration c (weighting=dirichlet)")
+    gumbel_temperature: float = _f(1.0, "Gumbel-softmax temperature λ (weighting=gumbel)")
+    representative: str = _f(
+        "sample", "representative token: sample from w, or argmax", choices=REPRESENTATIVES
+    )
+    max_prompt_tokens: int = _f(512, "prompt length limit (longer questions are cut in the middle)")
+    max_new_tokens: int = _f(256, "completion length limit")
+
+    # --- evaluation --------------------------------------------------------------------
+    eval_samples: int = _f(4, "sampled completions per question (pass@k uses all of them)")
+    eval_questions: int = _f(16, "held-out questions per task (at most the held-out count)")
+    eval_batch_size: int = _f(16, "questions per generation batch")
+    eval_output: str | None = _f(None, "evaluation JSON path (default: <run_dir>/eval.json)")
+    eval_save_completions: bool = _f(True, "store every completion and its score in the JSON")
+
+    # --- training ----------------------------------------------------------------------
+    group_size: int = _f(4, "G: trajectories per prompt")
+    prompts_per_step: int = _f(2, "prompts per step (per process)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    rollout_batch_prompts: int = _f(
+        0, "prompts per generation call (0: all of a step's prompts at once)"
+    )
+    steps: int = _f(100, "training steps")
+    lr: float = _f(1e-6, "AdamW learning rate")
+    betas: tuple[float, float] = _f((0.9, 0.99), "AdamW betas")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient-norm clip")
+    warmup_ratio: float = _f(0.0, "fraction of updates with linear warm-up (then constant)")
+    beta: float = _f(0.0, "KL weight β to the frozen reference (0: no reference model)")
+    eps_low: float = _f(0.2, "clip ε_low of the ratio")
+    eps_high: float = _f(0.2, "clip ε_high of the ratio")
+    mu: int = _f(1, "optimisation passes per rollout batch")
+    likelihood: str = _f("exact", "log-likelihood of a mixture action", choices=LIKELIHOODS)
+    aggregation: str = _f("grpo", "loss aggregation", choices=AGGREGATIONS)
+    advantage_scaling: str = _f("group", "advantage std scaling", choices=ADVANTAGE_SCALINGS)
+    reward_correctness: float = _f(2.0, "weight of the answer's score in the reward")
+    reward_think: float = _f(0.5, "reward for closing </think> exactly once")
+    reward_format: float = _f(0.5, "reward for exactly one <answer>…</answer> ending the text")
+    reward_partial_credit: bool = _f(True, "use Reasoning Gym's partial scores (else only 1/0)")
+    run_dir: str = _f("runs/motg", "directory of the run's config, metrics and checkpoints")
+    save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted; 0 keeps all)")
+    eval_every: int = _f(0, "held-out evaluation every N steps (0: never)")
+    resume: bool = _f(False, "resume from the latest checkpoint in run_dir")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory)")
+    log_every: int = _f(1, "print metrics every N steps")
+    progress: bool = _f(True, "show progress bars")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, *, training: bool = True) -> Config:
+        """Check every field; raise ``ValueError`` naming the first bad one. Returns ``self``.
+
+        ``training=False`` skips the checks that only matter to the trainer.
+        """
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
+        _positive_ints(
+            self,
+            "dataset_size",
+            "k",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "eval_samples",
+            "eval_questions",
+            "eval_batch_size",
+            "group_size",
+            "prompts_per_step",
+            "grad_accum",
+            "steps",
+            "mu",
+            "log_every",
+        )
+        _non_negative_ints(
+            self, "save_every", "eval_every", "keep_checkpoints", "rollout_batch_prompts"
+        )
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.dataset_size < 2:
+            raise ValueError(f"dataset_size must be >= 2, got {self.dataset_size}")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        _positive_floats(self, "concentration", "gumbel_temperature")
+        for name in ("top_p", "min_p"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1] or none, got {value}")
+        from .tasks import check_tasks  # local: keeps `import motg_fast.config` light
+
+        check_tasks(self.tasks, self.task_options)
+        if training:
+            self._validate_training()
+        return self
+
+    def _validate_training(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("weight_decay", "beta", "eps_low", "eps_high"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        deterministic = (
+            self.selection == "topk"
+            and self.weighting == "prob"
+            and (self.representative == "argmax" or self.k == 1)
+        )
+        if deterministic:
+            raise ValueError(
+                "selection=topk, weighting=prob with a deterministic token (k=1 or "
+                "representative=argmax) is greedy decoding: there is nothing to learn from "
+                "(and no exact likelihood); use selection=sample or a random weighting"
+            )
+
+    # ------------------------------------------------------------------ helpers
+    def reward_weights(self):
+        """The :class:`~motg_fast.rewards.RewardWeights` of this config."""
+        from .rewards import RewardWeights
+
+        return RewardWeights(
+            correctness=self.reward_correctness,
+            think=self.reward_think,
+            format=self.reward_format,
+            partial_credit=self.reward_partial_credit,
+        )
+
+    def decoding_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``RolloutEngine.generate`` for this config's decoding."""
+        keys = (
+            "k",
+            "temperature",
+            "selection",
+            "weighting",
+            "top_p",
+            "min_p",
+            "concentration",
+            "gumbel_temperature",
+            "representative",
+        )
+        return {key: getattr(self, key) for key in keys}
+
+    def eval_output_path(self) -> Path:
+        """Where evaluation writes its JSON."""
+        return Path(self.eval_output) if self.eval_output else Path(self.run_dir) / "eval.json"
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (names checked)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-ready dict (tuples become lists)."""
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    def to_json(self) -> str:
+        """The config as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config JSON to ``path`` (a directory gets ``config.json``)."""
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """A config from a dict such as :meth:`to_dict` gives (unknown keys are an error)."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        values = dict(values)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        """Read a saved config (a JSON file, or a directory holding ``config.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            values = json.loads(path.read_text())
+        except OSError:
+            raise ValueError(f"config file {str(path)!r} cannot be read") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
+        return cls.from_dict(values)
+
+
+def _positive_ints(config: Config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _non_negative_ints(config: Config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _positive_floats(config: Config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0 or not math.isfinite(value):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+_PAPER: dict[str, Any] = dict(
+    model="Qwen/Qwen2.5-1.5B-Instruct",
+    dtype="bfloat16",
+    tasks="paper",
+    task_options="",
+    dataset_size=10_000,
+    heldout_fraction=0.01,
+    seed=42,
+    k=2,
+    temperature=0.9,
+    selection="sample",
+    weighting="prob",
+    representative="sample",
+    likelihood="weighted",
+    max_prompt_tokens=1024,
+    max_new_tokens=1024,
+    group_size=10,
+    prompts_per_step=1,
+    grad_accum=4,
+    steps=1000,
+    lr=5e-6,
+    betas=(0.9, 0.99),
+    weight_decay=0.1,
+    grad_clip=0.1,
+    warmup_ratio=0.18,
+    beta=0.1,
+    mu=1,
+    reward_correctness=2.0,
+    reward_think=0.5,
+    reward_format=0.5,
+    reward_partial_credit=True,
+    eval_questions=100,
+    eval_samples=4,
+    eval_every=50,
+    save_every=200,
+    run_dir="runs/paper",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's runs (DESIGN.md §1). The paper trained one task per run: add --tasks NAME.
+    "paper": _PAPER,
+    # "MoT-G with G = 5 matches standard GRPO with G = 10".
+    "paper_g5": {**_PAPER, "group_size": 5, "run_dir": "runs/paper_g5"},
+    # The standard-decoding GRPO baseline of the paper's comparisons.
+    "paper_discrete": {**_PAPER, "k": 1, "likelihood": "token", "run_dir": "runs/paper_discrete"},
+    # A seconds-long check of the whole pipeline on a CPU.
+    "smoke": dict(
+        max_new_tokens=32,
+        eval_questions=2,
+        eval_samples=2,
+        group_size=2,
+        prompts_per_step=1,
+        steps=2,
+        run_dir="runs/smoke",
+    ),
+}
+"""Named sets of field values, applied before explicit flags."""
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The values of preset ``name`` (``ValueError`` listing the presets if unknown)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
