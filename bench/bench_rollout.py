@@ -199,11 +199,9 @@ def cpu_setup():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def gpu_setup():
-    device = torch.device("cuda")
-    load = model_load_kwargs(device)
-    config = Qwen2Config(
+def qwen25_1p5b_config() -> Qwen2Config:
+    """The shape of Qwen2.5-1.5B (random weights are built from it; nothing is downloaded)."""
+    return Qwen2Config(
         vocab_size=151936,
         hidden_size=1536,
         intermediate_size=8960,
@@ -214,6 +212,13 @@ def gpu_setup():
         rope_theta=1_000_000.0,
         tie_word_embeddings=True,
     )
+
+
+@pytest.fixture(scope="module")
+def gpu_setup():
+    device = torch.device("cuda")
+    load = model_load_kwargs(device)
+    config = qwen25_1p5b_config()
     config._attn_implementation = load["attn_implementation"]
     torch.manual_seed(0)
     with device:

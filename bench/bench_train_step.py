@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
-from bench_rollout import left_pad, naive_mixture_rollout
+from bench_rollout import left_pad, naive_mixture_rollout, qwen25_1p5b_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from motg_fast.config import Config  # noqa: E402
@@ -157,17 +157,7 @@ def cpu_setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpu_setup(tmp_path_factory):
-    config = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
-    )
+    config = qwen25_1p5b_config()
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -97,8 +97,8 @@ class Config:
     rollout_batch_prompts: int = _f(
         0, "prompts per generation call (0: all of a step's prompts at once)"
     )
-    steps: int = _f(100, "training steps")
-    lr: float = _f(1e-6, "AdamW learning rate")
+    steps: int = _f(30, "training steps (the default is a CPU-sized taste)")
+    lr: float = _f(1e-5, "AdamW learning rate")
     betas: tuple[float, float] = _f((0.9, 0.99), "AdamW betas")
     weight_decay: float = _f(0.1, "AdamW weight decay")
     grad_clip: float = _f(1.0, "gradient-norm clip")
@@ -339,7 +339,7 @@ _PAPER: dict[str, Any] = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's runs (DESIGN.md §1). The paper trained one task per run: add --tasks NAME.
+    # The paper's runs. The paper trained one task per run: add --tasks NAME.
     "paper": _PAPER,
     # "MoT-G with G = 5 matches standard GRPO with G = 10".
     "paper_g5": {**_PAPER, "group_size": 5, "run_dir": "runs/paper_g5"},

@@ -1,7 +1,7 @@
 """Training forward: per-position log-likelihoods of stored trajectories under a policy.
 
-A trajectory is a prompt (token ids) and T completion actions, each in the single
-representation of DESIGN.md §1: `ids [k]`, `weights [k]`, `mask [k]`, the slot of the
+A trajectory is a prompt (token ids) and T completion actions, each in one representation
+(see `kernels/likelihood.py`): `ids [k]`, `weights [k]`, `mask [k]`, the slot of the
 representative token, and a phase (thinking mixture or discrete answer).
 
 The training sequence of trajectory n is its prompt followed by the inputs its actions fed
@@ -19,6 +19,7 @@ the longest completion T, so every action t sits at sequence position `P − 1 +
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -198,15 +199,14 @@ def score_trajectories(
     traj: Trajectories,
     *,
     temperature: float,
-    likelihood: str,
-    selection: str,
-    weighting: str,
-    concentration: float = 1.0,
-    gumbel_temperature: float = 1.0,
-    representative: str = "sample",
     pad_id: int = 0,
+    **action: Any,
 ) -> PolicyScores:
-    """Run the policy over stored trajectories; differentiable in the model's parameters."""
+    """Run the policy over stored trajectories; differentiable in the model's parameters.
+
+    `action` holds the keyword arguments of `action_loglik` (`likelihood`, `selection`,
+    `weighting`, and optionally `concentration`, `gumbel_temperature`, `representative`).
+    """
     batch = build_sequence_batch(traj, pad_id)
     decoder, head_weight = _decoder_and_head(model)
     embedding = model.get_input_embeddings().weight
@@ -222,16 +222,7 @@ def score_trajectories(
     logprobs, _ = mixture_logprobs(
         hidden[:, start : start + t], head_weight, traj.ids, temperature=temperature
     )
-    ell = action_loglik(
-        logprobs,
-        traj,
-        likelihood=likelihood,
-        selection=selection,
-        weighting=weighting,
-        concentration=concentration,
-        gumbel_temperature=gumbel_temperature,
-        representative=representative,
-    )
+    ell = action_loglik(logprobs, traj, **action)
     fed = inputs[:, start + 1 : start + t].detach().float().norm(dim=-1)
     embed_norm = torch.nn.functional.pad(fed, (0, 1))
     return PolicyScores(logprobs=logprobs, action_logprob=ell, embed_norm=embed_norm)

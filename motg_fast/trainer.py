@@ -49,6 +49,15 @@ from .prompting import THINK_END, build_prompts
 from .rewards import RewardWeights, score_items
 
 RewardFn = Callable[[list[str], list], tuple[list[float], list[float]]]
+# Config fields that say how an action was produced (the likelihood needs them).
+ACTION_KEYS = (
+    "likelihood",
+    "selection",
+    "weighting",
+    "concentration",
+    "gumbel_temperature",
+    "representative",
+)
 
 
 class PolicyScorer(torch.nn.Module):
@@ -247,17 +256,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- options
     def _likelihood_options(self) -> dict:
+        """Keyword arguments of `score_trajectories` for this run."""
         c = self.config
-        return dict(
-            temperature=c.temperature,
-            likelihood=c.likelihood,
-            selection=c.selection,
-            weighting=c.weighting,
-            concentration=c.concentration,
-            gumbel_temperature=c.gumbel_temperature,
-            representative=c.representative,
-            pad_id=self.tokenizer.pad_token_id or 0,
-        )
+        options = {key: getattr(c, key) for key in ACTION_KEYS}
+        return dict(options, temperature=c.temperature, pad_id=self.tokenizer.pad_token_id or 0)
 
     # ----------------------------------------------------------------- one step
     @torch.no_grad()
@@ -391,15 +393,7 @@ class Trainer:
     def _old_logprobs(self, traj: Trajectories, chunks, options) -> list[torch.Tensor]:
         """Per micro-batch `[n,T]`: from the rollout (μ = 1) or a no-grad forward (μ > 1)."""
         if self.config.mu == 1:
-            keys = (
-                "likelihood",
-                "selection",
-                "weighting",
-                "concentration",
-                "gumbel_temperature",
-                "representative",
-            )
-            rollout_options = {key: options[key] for key in keys}
+            rollout_options = {key: options[key] for key in ACTION_KEYS}
             return [
                 action_loglik(mb.logprobs, mb, **rollout_options).float()
                 for mb in (traj.select(rows) for rows in chunks)

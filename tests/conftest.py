@@ -1,24 +1,15 @@
-"""Test setup: Triton's CPU interpreter when no GPU is present, seeded generators, markers."""
+"""Test setup: Triton's CPU interpreter when no GPU is present, GPU skips, a seeded generator."""
 
-import os
+from testing_env import configure_environment, skip_gpu_tests
 
-import torch
-
-# Must happen before any Triton kernel is defined (i.e. before motg_fast.kernels is imported).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.pop("MOTG_BACKEND", None)  # tests choose their backend explicitly
+configure_environment()  # before any Triton kernel is defined
 
 import pytest  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
-            item.add_marker(skip_gpu)
+    skip_gpu_tests(items)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The PyTorch reference of the rollout step against the math of DESIGN.md §1."""
+"""The PyTorch reference of the rollout step against the math of kernels/mixture_step.py."""
 
 import itertools
 import math
