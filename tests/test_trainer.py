@@ -247,3 +247,26 @@ def test_two_process_accelerate_run_agrees_with_one_process(tmp_path):
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in w1:
         assert torch.allclose(w1[name], w2[name], atol=1e-4), name
+
+
+def test_reasoning_gym_task_with_heldout_evaluation(tmp_path):
+    """The default path: tasks and rewards from Reasoning Gym, periodic held-out evaluation."""
+    config = _config(
+        tmp_path,
+        tasks="basic_arithmetic",
+        task_options='{"*": {"difficulty": 0}}',
+        dataset_size=40,
+        heldout_fraction=0.1,
+        steps=2,
+        save_every=0,
+        eval_every=2,
+        eval_questions=2,
+        eval_samples=2,
+        eval_batch_size=2,
+    )
+    trainer = Trainer(config, model=tiny_qwen2().train(), tokenizer=tiny_tokenizer())
+    records = trainer.train()
+    assert "heldout_accuracy" not in records[0]
+    assert 0.0 <= records[1]["heldout_accuracy"] <= 1.0
+    assert all(r["reward_failures"] == 0 for r in records)
+    assert trainer.model.training  # evaluation puts the policy back in training mode
