@@ -9,6 +9,7 @@ no explicit `backend` is given. On a CPU, Triton runs only in its interpreter
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -17,11 +18,29 @@ BACKENDS = ("reference", "triton")
 ENV_VAR = "MOTG_BACKEND"
 
 try:  # Triton is optional: macOS, Windows and CPU-only installs may lack it.
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
     HAS_TRITON = False
+
+
+def jit(fn):
+    """`triton.jit` where Triton is installed; elsewhere the kernel stays a plain function
+    (never launched: `resolve_backend` does not pick Triton then)."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+def constexpr(value):
+    """`tl.constexpr(value)` where Triton is installed, else the plain value."""
+    return tl.constexpr(value) if tl is not None else value
+
+
+def device_guard(device: torch.device):
+    """Make `device` current: Triton launches on the current CUDA device and its stream."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def triton_interpreter_on() -> bool:

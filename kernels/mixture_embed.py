@@ -27,32 +27,12 @@ Rows of `dE` that no slot touches are zero.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ._backend import resolve_backend
+from ._backend import device_guard, jit, resolve_backend, tl
 from ._validation import check_float_matrix, check_ids, check_same_device
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - Triton is optional; `resolve_backend` then never
-    # picks this path, and the decorator below keeps the kernel definitions importable.
-
-    class _NoTriton:
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _NoTriton()
-
 HAS_TRITON_PATH = True
-
-
-def device_guard(device: torch.device):
-    """Make `device` current: Triton launches on the current CUDA device and its stream."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -89,7 +69,7 @@ def check_embed_args(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit
 def _embed_fwd_kernel(
     # inputs: embedding [V,H] (row stride given, unit column stride), ids/weights [N,k]
     emb_ptr,
@@ -120,7 +100,7 @@ def _embed_fwd_kernel(
     tl.store(out_ptr + row * H + offs_h, mixed.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
-@triton.jit
+@jit
 def _embed_bwd_rows_kernel(
     # inputs: upstream grad de [N,H] (contiguous), embedding [V,H], ids/weights [N,k]
     grad_ptr,
@@ -166,7 +146,7 @@ def _embed_bwd_rows_kernel(
         tl.store(dw_ptr + row * k + offs_k, dw.to(dw_ptr.dtype.element_ty), mask=k_mask)
 
 
-@triton.jit
+@jit
 def _embed_bwd_segments_kernel(
     # slots sorted by vocabulary row: sorted keys [M] (V marks a dropped zero-weight slot),
     # source slot index n·k + j [M], end of each slot's run of equal keys [M]

@@ -38,22 +38,9 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend, triton_interpreter_on
+from ._backend import device_guard, jit, resolve_backend, tl, triton_interpreter_on
 from ._validation import check_float_matrix, check_ids, check_positive, check_same_device
-from .mixture_embed import accumulation_dtype, device_guard
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - Triton is optional; `resolve_backend` then never
-    # picks this path, and the decorator below keeps the kernel definitions importable.
-
-    class _NoTriton:
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _NoTriton()
+from .mixture_embed import accumulation_dtype
 
 HAS_TRITON_PATH = True
 
@@ -106,7 +93,7 @@ def check_logprobs_args(
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit
 def _logits_tile(
     # hidden [N,H] and weight [V,H] (row strides given, unit column strides)
     h_ptr,
@@ -147,7 +134,7 @@ def _logits_tile(
     return acc
 
 
-@triton.jit
+@jit
 def _logprobs_fwd_partial_kernel(
     # inputs: hidden [N,H], weight [V,H], 1/τ
     h_ptr,
@@ -201,7 +188,7 @@ def _logprobs_fwd_partial_kernel(
     tl.store(t_ptr + out, t, mask=n_mask)
 
 
-@triton.jit
+@jit
 def _logprobs_fwd_finalize_kernel(
     # per-split partials [splits, N] from the partial kernel
     m_ptr,
@@ -259,7 +246,7 @@ def _logprobs_fwd_finalize_kernel(
     tl.store(logp_ptr + row * k + offs_k, z * inv_tau - lse, mask=k_mask)
 
 
-@triton.jit
+@jit
 def _logprobs_bwd_dlogits_kernel(
     # inputs: hidden [N,H], weight [V,H]; this launch covers columns [v0, v0 + chunk)
     h_ptr,
@@ -317,7 +304,7 @@ def _logprobs_bwd_dlogits_kernel(
     )
 
 
-@triton.jit
+@jit
 def _matmul_accumulate_kernel(
     # a [M,Kd] and b [Kd,P] (row strides given, unit column strides)
     a_ptr,

@@ -55,7 +55,6 @@ Triton path (each logits row is read once; kernels below, launchers after them):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -64,7 +63,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import ENV_VAR, resolve_backend
+from ._backend import ENV_VAR, constexpr, device_guard, jit, resolve_backend, tl, triton
 from ._validation import (
     REPRESENTATIVES,
     SELECTIONS,
@@ -85,13 +84,6 @@ from .mixture_math import (
     select_candidates,
     slot_mask,
 )
-
-try:  # Triton is optional: the reference runs without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
 
 HAS_TRITON_PATH = True
 
@@ -226,30 +218,21 @@ def check_step_args(
 # --------------------------------------------------------------------------------------
 
 
-def _jit(fn):
-    """`triton.jit` where Triton is installed; elsewhere the function stays plain (unused)."""
-    return triton.jit(fn) if triton is not None else fn
-
-
-def _constexpr(value):
-    return tl.constexpr(value) if tl is not None else value
-
-
 # Packed (score, id) keys are > -(2**63) + 2**40 (−inf included). Below that: an empty
 # lane, and the distinct placeholders that fill a running top-k before real keys arrive.
-_KEY_EMPTY = _constexpr(-(2**63))
-_KEY_FLOOR = _constexpr(-(2**63) + 2**16)
-_TINY = _constexpr(torch.finfo(torch.float32).tiny)  # u is clamped here, as `gumbel_noise`
-_TWO_POW_M24 = _constexpr(2.0**-24)
-_STREAM_WEIGHT = _constexpr(1)  # Philox counter word 2: 0 selection, 1 weights, 2 token
-_STREAM_TOKEN = _constexpr(2)
+_KEY_EMPTY = constexpr(-(2**63))
+_KEY_FLOOR = constexpr(-(2**63) + 2**16)
+_TINY = constexpr(torch.finfo(torch.float32).tiny)  # u is clamped here, as `gumbel_noise`
+_TWO_POW_M24 = constexpr(2.0**-24)
+_STREAM_WEIGHT = constexpr(1)  # Philox counter word 2: 0 selection, 1 weights, 2 token
+_STREAM_TOKEN = constexpr(2)
 
 # Noise sources (constexpr codes) and weighting codes of the kernels.
 _NOISE_NONE, _NOISE_GIVEN, _NOISE_PHILOX = 0, 1, 2
 _WEIGHTING_CODES = {"prob": 0, "gumbel": 1, "dirichlet": 2}  # 2: weights drawn in torch
 
 
-@_jit
+@jit
 def _scale(z, temperature, inv_temperature, RECIPROCAL: tl.constexpr):
     """`z/τ` in float32 exactly as the reference computes it on this device: CUDA's
     `tensor / scalar` multiplies by the float32 reciprocal, the CPU divides (IEEE)."""
@@ -260,7 +243,7 @@ def _scale(z, temperature, inv_temperature, RECIPROCAL: tl.constexpr):
     return x
 
 
-@_jit
+@jit
 def _order_keys(score, cols):
     """int64 keys of float32 `score` at int64 `cols`, as `mixture_math.ordering_keys`."""
     score = tl.where(score == 0.0, 0.0, score)  # −0.0 ranks as +0.0
@@ -269,13 +252,13 @@ def _order_keys(score, cols):
     return (ordered << 32) | (0xFFFFFFFF - cols)
 
 
-@_jit
+@jit
 def _key_ids(keys):
     """Token ids (int64) packed in `keys`."""
     return 0xFFFFFFFF - (keys & 0xFFFFFFFF)
 
 
-@_jit
+@jit
 def _key_score(key):
     """The float32 score packed in `key` (meaningless for a placeholder key)."""
     ordered = key >> 32
@@ -283,13 +266,13 @@ def _key_score(key):
     return bits.to(tl.int32).to(tl.float32, bitcast=True)
 
 
-@_jit
+@jit
 def _empty_top(K_PAD: tl.constexpr):
     """A running top-k holding K_PAD distinct placeholders (all below `_KEY_FLOOR`)."""
     return _KEY_EMPTY + 1 + tl.arange(0, K_PAD).to(tl.int64)
 
 
-@_jit
+@jit
 def _absorb(top, kth, cand):
     """Insert the keys of `cand [N]` that beat the k-th key into the running `top [K_PAD]`.
 
@@ -306,7 +289,7 @@ def _absorb(top, kth, cand):
     return top, kth
 
 
-@_jit
+@jit
 def _sort_desc(top, K_PAD: tl.constexpr):
     """`top [K_PAD]` (distinct keys) in descending order, by rank counting."""
     rank = tl.sum((top[None, :] > top[:, None]).to(tl.int32), 1)
@@ -314,7 +297,7 @@ def _sort_desc(top, K_PAD: tl.constexpr):
     return tl.sum(tl.where(rank[:, None] == slots[None, :], top[:, None], 0), 0)
 
 
-@_jit
+@jit
 def _uniform_to_gumbel(bits):
     """Gumbel(0, 1) from uint32 `bits`: u = 24 high bits / 2^24, clamped, `-log(-log(u))`."""
     u = (bits >> 8).to(tl.float32) * _TWO_POW_M24
@@ -322,7 +305,7 @@ def _uniform_to_gumbel(bits):
     return -tl.log(-tl.log(u))
 
 
-@_jit
+@jit
 def _column_gumbel(seed, row, base, BLOCK: tl.constexpr):
     """Selection noise `[BLOCK]` of `row` at columns `base…` (base % 4 == 0).
 
@@ -335,7 +318,7 @@ def _column_gumbel(seed, row, base, BLOCK: tl.constexpr):
     return _uniform_to_gumbel(bits)
 
 
-@_jit
+@jit
 def _slot_gumbel(seed, row, slots, STREAM: tl.constexpr):
     """Per-slot noise of `row`: output 0 of Philox(seed, counter = (slot, row, STREAM, 0))."""
     c0 = slots.to(tl.uint32)
@@ -344,7 +327,7 @@ def _slot_gumbel(seed, row, slots, STREAM: tl.constexpr):
     return _uniform_to_gumbel(r0)
 
 
-@_jit
+@jit
 def _load_seed(seed_ptr, NEEDED: tl.constexpr):
     if NEEDED:
         seed = tl.load(seed_ptr)
@@ -353,7 +336,7 @@ def _load_seed(seed_ptr, NEEDED: tl.constexpr):
     return seed
 
 
-@_jit
+@jit
 def _reduce_stats(m, s, t):
     """Combine vectors of online-softmax states `(max, Σe^{x−max}, Σe^{x−max}(x−max))`."""
     top = tl.max(m, 0)
@@ -363,7 +346,7 @@ def _reduce_stats(m, s, t):
     return top, tl.sum(scale * s, 0), tl.sum(scale * (t + shift * s), 0)
 
 
-@_jit
+@jit
 def _tile_stats(x, x_max):
     """Online-softmax state of scaled logits `x [N]` (−inf allowed) with max `x_max`."""
     pivot = tl.where(x_max == float("-inf"), 0.0, x_max)
@@ -372,7 +355,7 @@ def _tile_stats(x, x_max):
     return x_max, tl.sum(e, 0), tl.sum(e * shift, 0)
 
 
-@_jit
+@jit
 def _combine_stats(m1, s1, t1, m2, s2, t2):
     """Combine two scalar online-softmax states (either may be empty: m = −inf, s = t = 0)."""
     m = tl.maximum(m1, m2)
@@ -384,7 +367,7 @@ def _combine_stats(m1, s1, t1, m2, s2, t2):
     return m, a1 * s1 + a2 * s2, a1 * (t1 + d1 * s1) + a2 * (t2 + d2 * s2)
 
 
-@_jit
+@jit
 def _scan_columns(
     # one logits row: pointer to its first element, column stride; explicit noise row
     row_ptr,
@@ -442,7 +425,7 @@ def _scan_columns(
     return top, m, s, t
 
 
-@_jit
+@jit
 def _select_slots(
     # the row, its final top keys [K_PAD] (any order) and online-softmax state
     row,
@@ -511,7 +494,7 @@ def _select_slots(
         tl.store(weights_ptr + out, w, mask=live)
 
 
-@_jit
+@jit
 def _step_row_kernel(
     # logits [B,V] (element strides), explicit selection noise [B,V] and weight noise [B,k]
     logits_ptr,
@@ -563,7 +546,7 @@ def _step_row_kernel(
     )  # fmt: skip
 
 
-@_jit
+@jit
 def _step_split_kernel(
     # logits [B,V] (element strides), explicit selection noise [B,V], seed
     logits_ptr,
@@ -606,7 +589,7 @@ def _step_split_kernel(
     tl.store(part_stats_ptr + part * 3 + 2, t)
 
 
-@_jit
+@jit
 def _step_merge_kernel(
     # logits [B,V] (for the k selected logits), partial results of `_step_split_kernel`
     logits_ptr,
@@ -670,7 +653,7 @@ def _step_merge_kernel(
     )  # fmt: skip
 
 
-@_jit
+@jit
 def _step_embed_kernel(
     # candidates [B,k] (ids int64, weights float32, mask bool), token noise [B,k], seed
     ids_ptr,
@@ -723,7 +706,7 @@ def _step_embed_kernel(
     tl.store(out, mixed.to(embeds_ptr.dtype.element_ty), mask=inside)
 
 
-@_jit
+@jit
 def _step_noise_kernel(
     # Philox seed [1] int64; outputs: selection [B,V], weight [B,k], token [B,k] float32
     seed_ptr,
@@ -799,11 +782,6 @@ def _sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _device_guard(device: torch.device):
-    """Launch on `device` (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -856,7 +834,7 @@ def philox_step_noise(
     if batch == 0:
         return selection, weight, token
     block = min(BLOCK_V, max(4, _pow2(vocab)))
-    with _device_guard(device):
+    with device_guard(device):
         _step_noise_kernel[(batch, -(-vocab // block))](
             seed, selection, weight, token, vocab, k, K_PAD=_pow2(k), BLOCK_V=block,
             enable_fp_fusion=False,  # compiled as the step kernels: bit-identical logs
@@ -1056,7 +1034,7 @@ def mixture_step_triton(
     seed = philox_step_seed(generator, device) if philox else None
     if vocab_splits is None:
         vocab_splits = split_count(batch, vocab, _sm_count(device))
-    with _device_guard(device):
+    with device_guard(device):
         ids, weights, mask, logprobs, lse, entropy = _launch_select(
             logits, k, plan, seed, _float_noise(selection_noise), _float_noise(weight_noise),
             vocab_splits, block_v,
