@@ -138,3 +138,38 @@ def test_mixture_positions_use_the_chosen_likelihood_and_backprop(model, likelih
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     model.zero_grad()
+
+
+@pytest.mark.parametrize("weighting", ["prob", "dirichlet"])
+def test_training_forward_reproduces_the_rollout_logprobs(weighting):
+    """The cached rollout and the training forward agree on log p at every stored id."""
+    from motg_fast.engine import RolloutEngine
+    from motg_fast.trainer import rollout_to_trajectories
+    from tiny_models import tiny_qwen2, tiny_tokenizer
+
+    model, tokenizer = tiny_qwen2(), tiny_tokenizer()
+    engine = RolloutEngine(model, tokenizer, max_new_tokens=12)
+    prompts = [tokenizer.encode("the answer <think>"), tokenizer.encode("a <think>")]
+    rollout = engine.generate(
+        prompts,
+        group_size=3,
+        k=3,
+        temperature=0.8,
+        selection="sample",
+        weighting=weighting,
+        seed=4,
+    )
+    traj = rollout_to_trajectories(rollout)
+    with torch.no_grad():
+        scores = score_trajectories(
+            model,
+            traj,
+            temperature=0.8,
+            likelihood="exact",
+            selection="sample",
+            weighting=weighting,
+            pad_id=tokenizer.pad_token_id,
+        )
+    real = traj.completion_mask.unsqueeze(-1) & traj.mask
+    assert real.sum() > 20
+    assert torch.allclose(scores.logprobs[real], rollout.logprobs[real], atol=1e-5)
