@@ -45,7 +45,12 @@ class Config:
         DEFAULT_MODEL,
         "model: the embedded default, a local dir/checkpoint, or a cached Hugging Face id",
     )
-    dtype: str = _f("auto", "weights dtype (auto: bf16 on CUDA, fp32 on CPU)", choices=DTYPES)
+    dtype: str = _f(
+        "auto",
+        "weights dtype (auto: bf16 on CUDA and fp32 on CPU for evaluation; training keeps "
+        "fp32 weights and runs under bf16 autocast on CUDA)",
+        choices=DTYPES,
+    )
     device: str = _f("auto", "device: auto (CUDA if present), cpu, cuda, cuda:1, ...")
     attn_implementation: str | None = _f(
         None, "attention (default: flash_attention_2 on CUDA when installed, else sdpa)"
