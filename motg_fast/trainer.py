@@ -179,8 +179,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_constant(round(config.warmup_ratio * total_updates))
         )
-        self.scorer, self.optimizer, self.scheduler = self.accelerator.prepare(
-            PolicyScorer(self.model), self.optimizer, self.scheduler
+        # The scheduler stays unprepared: accelerate would step it once per process.
+        self.scorer, self.optimizer = self.accelerator.prepare(
+            PolicyScorer(self.model), self.optimizer
         )
         self.engine = RolloutEngine(
             self.model, self.tokenizer, max_new_tokens=config.max_new_tokens, think_end=THINK_END

@@ -37,6 +37,7 @@ def main(run_dir: str, prompts: int, steps: int) -> None:
         progress=False,
         beta=0.05,
         aggregation="dapo",
+        warmup_ratio=1.0,
         system_prompt="Answer.",
     )
     Trainer(

@@ -241,7 +241,7 @@ def test_two_process_accelerate_run_agrees_with_one_process(tmp_path):
     one_metrics, two_metrics = read(tmp_path / "one"), read(tmp_path / "two")
     assert len(one_metrics) == len(two_metrics) == 3
     for a, b in zip(one_metrics, two_metrics):
-        for key in ("reward", "loss", "kl", "completion_length", "grad_norm"):
+        for key in ("reward", "loss", "kl", "completion_length", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
     assert any(r["grad_norm"] > 0 for r in one_metrics)
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
