@@ -44,10 +44,15 @@ class PreallocatedLayer(CacheLayerMixin):
                 f"cache was built for {self.rows} rows in groups of {self.group_size}, but the "
                 f"first update has {key_states.shape[0]} rows"
             )
-        self.dtype, self.device = key_states.dtype, key_states.device
+        device = key_states.device
+        # Under autocast, keys can arrive in float32 (rotary tables follow float32 inputs) while
+        # values are in the autocast dtype: store both in the dtype attention will use.
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else value_states.dtype
+        self.dtype, self.device = dtype, device
         shape = (self.rows, key_states.shape[1], self.capacity)
-        self.keys = key_states.new_empty((*shape, key_states.shape[-1]))
-        self.values = value_states.new_empty((*shape, value_states.shape[-1]))
+        self.keys = key_states.new_empty((*shape, key_states.shape[-1]), dtype=dtype)
+        self.values = value_states.new_empty((*shape, value_states.shape[-1]), dtype=dtype)
         self.is_initialized = True
 
     @property

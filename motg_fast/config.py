@@ -307,7 +307,6 @@ def _positive_floats(config: Config, *names: str) -> None:
 
 _PAPER: dict[str, Any] = dict(
     model="Qwen/Qwen2.5-1.5B-Instruct",
-    dtype="bfloat16",
     tasks="paper",
     task_options="",
     dataset_size=10_000,

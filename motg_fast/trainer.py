@@ -204,7 +204,7 @@ class Trainer:
         if model is None:
             model = load_model(
                 source,
-                device=self.config.device,
+                device=self.accelerator.device,
                 dtype=self.training_dtype(),
                 attn_implementation=self.config.attn_implementation,
             )
@@ -228,7 +228,7 @@ class Trainer:
 
             ref = load_model(
                 self.config.model,
-                device=self.config.device,
+                device=self.accelerator.device,
                 dtype=self.training_dtype(),
                 attn_implementation=self.config.attn_implementation,
             )
@@ -476,16 +476,34 @@ class Trainer:
         return path
 
     def evaluate_heldout(self) -> dict[str, float]:
-        """Held-out accuracy with the evaluate code (main process; small per-task sample)."""
+        """Held-out accuracy with the evaluate code; every process scores a shard of the items.
+
+        Called on every process (the counts are summed across them), under the same autocast
+        as the rollouts and with the trainer's engine.
+        """
         from .evaluate import evaluate
 
-        items = self.task_set.heldout(self.config.eval_questions)
-        self.model.eval()
-        try:
-            result = evaluate(self.model, self.tokenizer, self.config, items)
-        finally:
-            self.model.train()
-        return {"heldout_accuracy": float(result["overall"]["accuracy"])}
+        world = self.accelerator.num_processes
+        items = self.task_set.heldout(self.config.eval_questions)[self.rank :: world]
+        completions = correct = 0.0
+        if items:
+            self.model.eval()
+            try:
+                with self.accelerator.autocast():
+                    result = evaluate(
+                        self.model,
+                        self.tokenizer,
+                        self.config,
+                        items,
+                        engine=self.engine,
+                        progress=False,
+                    )
+            finally:
+                self.model.train()
+            completions = float(result["overall"]["completions"])
+            correct = float(result["overall"]["accuracy"]) * completions
+        total = self._global_sum(completions)
+        return {"heldout_accuracy": self._global_sum(correct) / max(total, 1.0)}
 
     def train(self) -> list[dict]:
         """Run from the start (or the resumed) step to `config.steps`; returns the metrics."""
@@ -503,7 +521,7 @@ class Trainer:
         for step in bar:
             record = {"step": step + 1, **self.train_step(step)}
             done = step + 1
-            if c.eval_every and done % c.eval_every == 0 and self.accelerator.is_main_process:
+            if c.eval_every and done % c.eval_every == 0:
                 record.update(self.evaluate_heldout())
             if self.metrics is not None:
                 self.metrics.append(record)
