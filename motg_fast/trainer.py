@@ -352,7 +352,7 @@ class Trainer:
         chunks = self._micro_batches(n)
         old = self._old_logprobs(traj, chunks, options)
         ref = self._ref_logprobs(traj, chunks, options) if self.ref_model is not None else None
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # device tensors: one host sync at the end
         grad_norm = 0.0
         for _ in range(c.mu):
             for i, rows in enumerate(chunks):
@@ -379,16 +379,16 @@ class Trainer:
                 m["embed_norm"] = (embed_norm * thinking).sum() / thinking.sum().clamp(min=1)
                 m["loss"] = loss.detach()
                 for key, value in m.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) / (len(chunks) * c.mu)
-            grad_norm = float(
-                self.accelerator.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            )
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() / (len(chunks) * c.mu)
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] = grad_norm
-        sums["lr"] = self.scheduler.get_last_lr()[0]
-        return sums
+        sums["grad_norm"] = grad_norm.detach().float()
+        keys = list(sums)
+        record = dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        return record
 
     @torch.no_grad()
     def _old_logprobs(self, traj: Trajectories, chunks, options) -> list[torch.Tensor]:
