@@ -137,8 +137,21 @@ def build_sequence_batch(traj: Trajectories, pad_id: int = 0) -> SequenceBatch:
     )
 
 
+# Config fields of model families whose logits are not plain `h Wᵀ` (scaled or soft-capped
+# after the LM head): the fused log-probs would disagree with the model's own logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:
     """The base decoder (returns final-normed hidden states) and the LM-head weight `[V,H]`."""
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"{type(model).__name__} transforms its logits ({name}={value}); training "
+                "log-probs are computed as softmax(h Wᵀ/τ) and would not match its rollouts"
+            )
     decoder = getattr(model, model.base_model_prefix, None)
     head = model.get_output_embeddings()
     if decoder is None or head is None:

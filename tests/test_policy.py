@@ -173,3 +173,19 @@ def test_training_forward_reproduces_the_rollout_logprobs(weighting):
     real = traj.completion_mask.unsqueeze(-1) & traj.mask
     assert real.sum() > 20
     assert torch.allclose(scores.logprobs[real], rollout.logprobs[real], atol=1e-5)
+
+
+def test_models_that_transform_their_logits_are_refused(model):
+    model.config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
+            score_trajectories(
+                model,
+                _trajectories(),
+                temperature=1.0,
+                likelihood="token",
+                selection="topk",
+                weighting="prob",
+            )
+    finally:
+        model.config.final_logit_softcapping = None
