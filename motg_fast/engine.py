@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from .cache import PreallocatedCache, check_layer_types
 from .kernels import REPRESENTATIVES, SELECTIONS, WEIGHTINGS, mixture_step, token_slot
+from .kernels._validation import check_choice, check_k, check_positive, check_probability
 
 PHASE_NONE = 0
 PHASE_MIXTURE = 1
@@ -139,25 +140,14 @@ class SamplingConfig:
     representative: str = "sample"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
-        for name, choices in (
-            ("selection", SELECTIONS),
-            ("weighting", WEIGHTINGS),
-            ("representative", REPRESENTATIVES),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"unknown {name} {getattr(self, name)!r}; expected one of {choices}"
-                )
+        check_k(self.k, vocab_size=math.inf)  # the engine checks k against its vocabulary
+        check_choice("selection", self.selection, SELECTIONS)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("representative", self.representative, REPRESENTATIVES)
         for name in ("temperature", "concentration", "gumbel_temperature"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must lie in [0, 1], got {self.min_p!r}")
+            check_positive(name, getattr(self, name))
+        check_probability("top_p", self.top_p, allow_zero=False)
+        check_probability("min_p", self.min_p, allow_zero=True)
 
     @property
     def discrete(self) -> bool:
@@ -611,8 +601,7 @@ class RolloutEngine:
     def _check_run(self, group_size: int, sampling: SamplingConfig) -> None:
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
             raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-        if sampling.k > self.vocab_size:
-            raise ValueError(f"k={sampling.k} exceeds the vocabulary size {self.vocab_size}")
+        check_k(sampling.k, self.vocab_size)
 
     # ---- public API -------------------------------------------------------------------
 
