@@ -118,47 +118,37 @@ def _build(model_cls, config, seed: int) -> torch.nn.Module:
     return model
 
 
+def _tiny(config_cls, model_cls, seed: int, tie_word_embeddings: bool, overrides: dict):
+    """A random 2-layer model (hidden 64, 4 query / 2 KV heads, vocab 300), float32, SDPA."""
+    fields = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=tie_word_embeddings,
+        **_special_ids(tiny_tokenizer()),
+    )
+    fields.update(overrides)
+    config = config_cls(**fields)
+    config._attn_implementation = "sdpa"
+    return _build(model_cls, config, seed)
+
+
 def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
-    """A random 2-layer Qwen2 (hidden 64, 4 query / 2 KV heads, vocab 300), float32, SDPA.
+    """A random tiny Qwen2 with an untied LM head (see `_tiny`).
 
     `overrides` replace config fields (e.g. `hidden_size=256, num_hidden_layers=4`).
     """
-    fields = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        **_special_ids(tiny_tokenizer()),
-    )
-    fields.update(overrides)
-    config = Qwen2Config(**fields)
-    config._attn_implementation = "sdpa"
-    return _build(Qwen2ForCausalLM, config, seed)
+    return _tiny(Qwen2Config, Qwen2ForCausalLM, seed, False, overrides)
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """A random 2-layer Llama (hidden 64, 4 query / 2 KV heads, vocab 300), float32, SDPA."""
-    fields = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        tie_word_embeddings=True,
-        **_special_ids(tiny_tokenizer()),
-    )
-    fields.update(overrides)
-    config = LlamaConfig(**fields)
-    config._attn_implementation = "sdpa"
-    return _build(LlamaForCausalLM, config, seed)
+    """A random tiny Llama with the LM head tied to the embedding (see `_tiny`)."""
+    return _tiny(LlamaConfig, LlamaForCausalLM, seed, True, overrides)
 
 
 class SteeredLM(torch.nn.Module):
