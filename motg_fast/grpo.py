@@ -108,7 +108,8 @@ def aggregate(
     return total.sum() / normaliser
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the positions where `mask` holds (0 when it holds nowhere)."""
     weights = mask.to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
@@ -156,13 +157,13 @@ def grpo_loss(
     )
     per_position = -objective
     metrics = {
-        "objective": _masked_mean(objective.detach(), mask),
-        "ratio_mean": _masked_mean(ratio.detach(), mask),
-        "clip_fraction": _masked_mean(clipped.to(logp.dtype), mask),
+        "objective": masked_mean(objective.detach(), mask),
+        "ratio_mean": masked_mean(ratio.detach(), mask),
+        "clip_fraction": masked_mean(clipped.to(logp.dtype), mask),
     }
     if ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
-        metrics["kl"] = _masked_mean(kl.detach(), mask)
+        metrics["kl"] = masked_mean(kl.detach(), mask)
         if beta > 0:
             per_position = per_position + beta * kl
     loss = aggregate(per_position, mask, aggregation, max_len=max_len)

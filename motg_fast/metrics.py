@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .grpo import masked_mean
 from .policy import PHASE_MIXTURE, Trajectories
 
 # Curves drawn at the end of a run, in this order, when present in the metrics.
@@ -50,11 +51,6 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    count = mask.sum().item()
-    return float((values * mask).sum().item() / count) if count else 0.0
-
-
 def token_statistics(traj: Trajectories, entropy: torch.Tensor | None = None) -> dict[str, float]:
     """The paper's token-level statistics over thinking (mixture) positions.
 
@@ -64,15 +60,15 @@ def token_statistics(traj: Trajectories, entropy: torch.Tensor | None = None) ->
     """
     thinking = (traj.phase == PHASE_MIXTURE).float()
     weights = traj.weights.float()
-    stats = {"mixture_diversity": _masked_mean(1.0 - (weights**2).sum(-1), thinking)}
+    stats = {"mixture_diversity": masked_mean(1.0 - (weights**2).sum(-1), thinking)}
     lp = traj.logprobs.float().masked_fill(~traj.mask, float("-inf"))
     log_pt = lp - lp.logsumexp(-1, keepdim=True)
     pt = log_pt.exp()
     topk_entropy = -torch.where(pt > 0, pt * log_pt, torch.zeros_like(pt)).sum(-1)
-    stats["topk_entropy"] = _masked_mean(topk_entropy, thinking)
+    stats["topk_entropy"] = masked_mean(topk_entropy, thinking)
     if entropy is not None:
-        stats["entropy"] = _masked_mean(entropy.float(), thinking)
-    return stats
+        stats["entropy"] = masked_mean(entropy.float(), thinking)
+    return {name: float(value) for name, value in stats.items()}
 
 
 def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:

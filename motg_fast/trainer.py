@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import LoadedCheckpoint, latest_checkpoint, save_checkpoint, set_rng_state
 from .engine import PHASE_DISCRETE, RolloutEngine
-from .grpo import group_advantages, grpo_loss
+from .grpo import group_advantages, grpo_loss, masked_mean
 from .metrics import MetricsLog, plot_metrics, token_statistics
 from .policy import (
     PHASE_MIXTURE,
@@ -376,7 +376,7 @@ class Trainer:
                     )
                     self.accelerator.backward(loss * self._loss_scale(mb, n_global, tokens_global))
                 thinking = mb.phase == PHASE_MIXTURE
-                m["embed_norm"] = (embed_norm * thinking).sum() / thinking.sum().clamp(min=1)
+                m["embed_norm"] = masked_mean(embed_norm, thinking)
                 m["loss"] = loss.detach()
                 for key, value in m.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float() / (len(chunks) * c.mu)
