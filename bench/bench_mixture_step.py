@@ -21,7 +21,7 @@ import functools
 import pytest
 import torch
 
-from motg_fast.kernels import mixture_step, mixture_step_ref
+from motg_fast.kernels import MixtureSpec, mixture_step, mixture_step_ref
 from motg_fast.kernels._backend import HAS_TRITON, triton_interpreter_on
 
 CUDA = torch.cuda.is_available()
@@ -45,10 +45,10 @@ def sync() -> None:
 @functools.cache
 def step_fn(impl: str, selection: str, weighting: str, k: int):
     """`(logits [B,V], embedding [V,H]) → MixtureStep` for one implementation and mode."""
-    kw = dict(k=k, temperature=0.9, selection=selection, weighting=weighting)
+    spec = MixtureSpec(k=k, temperature=0.9, selection=selection, weighting=weighting)
     if impl == "triton":
-        return lambda logits, emb: mixture_step(logits, emb, backend="triton", validate=False, **kw)
-    reference = lambda logits, emb: mixture_step_ref(logits, emb, **kw)
+        return lambda logits, emb: mixture_step(logits, emb, spec, backend="triton", validate=False)
+    reference = lambda logits, emb: mixture_step_ref(logits, emb, spec)
     return torch.compile(reference, dynamic=False) if impl == "compiled" else reference
 
 

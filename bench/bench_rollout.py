@@ -40,12 +40,15 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from motg_fast.engine import RolloutEngine, model_load_kwargs  # noqa: E402
+from motg_fast.engine import RolloutEngine  # noqa: E402
+from motg_fast.kernels import MixtureSpec  # noqa: E402
+from motg_fast.models import model_load_kwargs  # noqa: E402
 from tiny_models import SteeredLM, tiny_qwen2, tiny_tokenizer  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.9
-MIXTURE = dict(k=2, selection="topk", weighting="dirichlet", temperature=TEMPERATURE)
+MIXTURE = MixtureSpec(k=2, selection="topk", weighting="dirichlet", temperature=TEMPERATURE)
+DISCRETE = MixtureSpec(k=1, selection="sample", temperature=TEMPERATURE)
 
 
 # --------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ class Setup:
             self.prompts,
             self.group_size,
             self.max_new_tokens,
-            k=MIXTURE["k"],
+            k=MIXTURE.k,
             temperature=TEMPERATURE,
             think_end_ids=self.tokenizer.encode("</think>"),
             eos_id=-1,
@@ -182,8 +185,8 @@ class Setup:
         self.sync()
         return tokens
 
-    def engine_run(self, **mode) -> int:
-        rollout = self.engine.generate(self.prompts, group_size=self.group_size, **mode)
+    def engine_run(self, spec: MixtureSpec, seed: int) -> int:
+        rollout = self.engine.generate(self.prompts, spec, group_size=self.group_size, seed=seed)
         self.sync()
         return rollout.num_tokens
 
@@ -277,10 +280,8 @@ def measure_interleaved(benchmark, suite: str, runs: dict, rounds: int) -> None:
 CASES = {
     "hf_generate": lambda s: s.hf_generate,
     "naive_mixture": lambda s: s.naive,
-    "engine_discrete": lambda s: (
-        lambda: s.engine_run(k=1, selection="sample", temperature=TEMPERATURE, seed=0)
-    ),
-    "engine_mixture": lambda s: lambda: s.engine_run(**MIXTURE, seed=0),
+    "engine_discrete": lambda s: lambda: s.engine_run(DISCRETE, seed=0),
+    "engine_mixture": lambda s: lambda: s.engine_run(MIXTURE, seed=0),
 }
 
 
@@ -319,7 +320,7 @@ def test_compaction_cpu(benchmark, staggered_setup):
 
     def runner(fraction):
         engine = RolloutEngine(model, tokenizer, max_new_tokens=48, compact_fraction=fraction)
-        return lambda: engine.generate(prompts, group_size=8, **MIXTURE, seed=0).num_tokens
+        return lambda: engine.generate(prompts, MIXTURE, group_size=8, seed=0).num_tokens
 
     runs = {"compact_fraction_None": runner(None), "compact_fraction_0.25": runner(0.25)}
     measure_interleaved(benchmark, "cpu-staggered-stops", runs, rounds=5)
@@ -346,9 +347,7 @@ def test_prefill_sharing_cpu(benchmark, long_prompt_setup):
 
     def runner(share):
         return lambda: (
-            engine.generate(
-                prompts, group_size=8, share_prefill=share, **MIXTURE, seed=0
-            ).num_tokens
+            engine.generate(prompts, MIXTURE, group_size=8, share_prefill=share, seed=0).num_tokens
         )
 
     runs = {"share_prefill_False": runner(False), "share_prefill_True": runner(True)}

@@ -2,14 +2,16 @@
 
 Standalone (imports only torch and triton): copy this folder into any codebase.
 
-    from motg_fast.kernels import mixture_step, mixture_embed, mixture_logprobs, action_logprob
+    from motg_fast.kernels import MixtureSpec, mixture_step, mixture_embed, mixture_logprobs
+    spec = MixtureSpec(k=2, temperature=0.9, selection="sample", weighting="dirichlet")
+    step = mixture_step(logits, embedding, spec, generator=gen)
 
 Every op picks its path with `backend=None|"reference"|"triton"` or, globally, the
 environment variable `MOTG_BACKEND`.
 """
 
 from ._backend import BACKENDS, HAS_TRITON, resolve_backend
-from ._validation import LIKELIHOODS, REPRESENTATIVES, SELECTIONS, WEIGHTINGS
+from ._philox import StepNoise, philox_step_noise, philox_step_seed
 from .likelihood import (
     action_logprob,
     concrete_log_density,
@@ -22,15 +24,9 @@ from .mixture_logprobs import (
     mixture_logprobs_entropy_ref,
     mixture_logprobs_ref,
 )
-from .mixture_math import gumbel_noise, ordering_keys, token_slot
-from .mixture_step import (
-    MixtureStep,
-    mixture_step,
-    mixture_step_ref,
-    mixture_step_triton,
-    philox_step_noise,
-    philox_step_seed,
-)
+from .mixture_math import gumbel_noise, ordering_keys, renormalised_logprobs, token_slot
+from .mixture_step import MixtureStep, mixture_step, mixture_step_ref, mixture_step_triton
+from .spec import LIKELIHOODS, REPRESENTATIVES, SELECTIONS, WEIGHTINGS, MixtureSpec
 
 __all__ = [
     "BACKENDS",
@@ -39,7 +35,9 @@ __all__ = [
     "REPRESENTATIVES",
     "SELECTIONS",
     "WEIGHTINGS",
+    "MixtureSpec",
     "MixtureStep",
+    "StepNoise",
     "action_logprob",
     "concrete_log_density",
     "dirichlet_log_density",
@@ -56,6 +54,7 @@ __all__ = [
     "philox_step_noise",
     "philox_step_seed",
     "plackett_luce_logprob",
+    "renormalised_logprobs",
     "resolve_backend",
     "token_slot",
 ]

@@ -1,7 +1,7 @@
 """Backend choice for every op: the pure-PyTorch reference or the Triton kernel.
 
-`backend=None` picks automatically: Triton for CUDA tensors when Triton imports and the op
-has a Triton path, the reference elsewhere. `backend="reference"` or `backend="triton"`
+`backend=None` picks automatically: Triton for CUDA tensors when Triton imports, the
+reference elsewhere. `backend="reference"` or `backend="triton"`
 forces a path; the environment variable `MOTG_BACKEND` (same values) forces it globally when
 no explicit `backend` is given. On a CPU, Triton runs only in its interpreter
 (`TRITON_INTERPRET=1`, set before the kernels are imported).
@@ -48,24 +48,21 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(op: str, backend: str | None, device: torch.device, has_triton: bool) -> str:
+def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
     """Return "reference" or "triton" for one call of `op` on tensors living on `device`.
 
     Raises ValueError for an unknown name and RuntimeError when "triton" is forced where it
-    cannot run (no Triton, no Triton path for this op, or CPU tensors without the interpreter).
+    cannot run (no Triton, or CPU tensors without the interpreter).
     """
     requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if requested is None:
-        auto = HAS_TRITON and has_triton and device.type == "cuda"
-        return "triton" if auto else "reference"
+        return "triton" if HAS_TRITON and device.type == "cuda" else "reference"
     if requested not in BACKENDS:
         source = "backend" if backend is not None else ENV_VAR
         raise ValueError(f"{op}: unknown {source} {requested!r}; expected one of {BACKENDS}")
     if requested == "triton":
         if not HAS_TRITON:
             raise RuntimeError(f"{op}: backend 'triton' requested but triton is not installed")
-        if not has_triton:
-            raise RuntimeError(f"{op}: backend 'triton' requested but this op has no Triton path")
         if device.type != "cuda" and not triton_interpreter_on():
             raise RuntimeError(
                 f"{op}: backend 'triton' needs CUDA tensors (got {device.type}); on a CPU set "

@@ -30,14 +30,8 @@ import math
 
 import torch
 
-from ._validation import (
-    LIKELIHOODS,
-    REPRESENTATIVES,
-    SELECTIONS,
-    WEIGHTINGS,
-    check_choice,
-    check_positive,
-)
+from .mixture_math import renormalised_logprobs
+from .spec import MixtureSpec, spec_from_keywords
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -48,12 +42,6 @@ def _safe_log(weights: torch.Tensor) -> torch.Tensor:
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros_like(values)).sum(-1)
-
-
-def renormalise(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`log p̃' [N,k]` over the valid slots; masked slots hold −inf."""
-    masked = logprobs.masked_fill(~mask, float("-inf"))
-    return masked - masked.logsumexp(-1, keepdim=True)
 
 
 def plackett_luce_logprob(logprobs: torch.Tensor) -> torch.Tensor:
@@ -125,13 +113,10 @@ def action_logprob(
     weights: torch.Tensor,
     mask: torch.Tensor,
     token_slot: torch.Tensor,
+    spec: MixtureSpec | None = None,
     *,
     likelihood: str,
-    selection: str,
-    weighting: str,
-    concentration: float = 1.0,
-    gumbel_temperature: float = 1.0,
-    representative: str = "sample",
+    **legacy,
 ) -> torch.Tensor:
     """Log-likelihood `[...]` of stored mixture actions (see the module docstring).
 
@@ -139,37 +124,29 @@ def action_logprob(
         logprobs: `[..., k]` current-policy log-probs at the stored ids.
         weights, mask: `[..., k]` the stored action.
         token_slot: `[...]` int index of the representative token within the slots.
-        likelihood: `"token"`, `"weighted"` or `"exact"`.
-        selection, weighting, concentration, gumbel_temperature, representative: how the
-            action was produced (they matter for `"exact"`).
+        spec: the `MixtureSpec` that produced the actions (selection, weighting, c, λ and
+            the representative matter for `"exact"`).
+        likelihood: `"token"`, `"weighted"` or `"exact"` (one of `spec.likelihoods`).
+        **legacy: the deprecated keyword form (`selection=`, `weighting=`, …) instead of
+            `spec`.
     """
-    check_choice("likelihood", likelihood, LIKELIHOODS)
-    check_choice("selection", selection, SELECTIONS)
-    check_choice("weighting", weighting, WEIGHTINGS)
-    check_choice("representative", representative, REPRESENTATIVES)
-    check_positive("concentration", concentration)
-    check_positive("gumbel_temperature", gumbel_temperature)
+    spec = spec_from_keywords("action_logprob", spec, legacy)
+    spec.check_likelihood(likelihood)
     check_action_args(logprobs, weights, mask, token_slot)
     slot = token_slot.long().unsqueeze(-1)
     if likelihood == "token":
         return logprobs.gather(-1, slot).squeeze(-1)
-    log_p_tilde = renormalise(logprobs, mask)
+    log_p_tilde = renormalised_logprobs(logprobs, mask)
     if likelihood == "weighted":
         return _masked_sum(log_p_tilde.exp() * logprobs.masked_fill(~mask, 0.0), mask)
-    if selection == "topk" and weighting == "prob" and representative == "argmax":
-        raise ValueError(
-            "likelihood='exact' is undefined for selection='topk', weighting='prob' and "
-            "representative='argmax': the action is a deterministic function of the logits. "
-            "Use a random selection, weighting or representative, or likelihood='token'/'weighted'."
-        )
     total = torch.zeros_like(logprobs[..., 0])
-    if selection == "sample":
+    if spec.selection == "sample":
         total = total + plackett_luce_logprob(logprobs)
-    if weighting == "dirichlet":
-        total = total + dirichlet_log_density(log_p_tilde, weights, mask, concentration)
-    elif weighting == "gumbel":
-        total = total + concrete_log_density(log_p_tilde, weights, mask, gumbel_temperature)
-    if representative == "sample":
-        log_w = log_p_tilde if weighting == "prob" else _safe_log(weights.to(logprobs.dtype))
+    if spec.weighting == "dirichlet":
+        total = total + dirichlet_log_density(log_p_tilde, weights, mask, spec.concentration)
+    elif spec.weighting == "gumbel":
+        total = total + concrete_log_density(log_p_tilde, weights, mask, spec.gumbel_temperature)
+    if spec.representative == "sample":
+        log_w = log_p_tilde if spec.weighting == "prob" else _safe_log(weights.to(logprobs.dtype))
         total = total + log_w.gather(-1, slot).squeeze(-1)
     return total

@@ -30,9 +30,8 @@ from __future__ import annotations
 import torch
 
 from ._backend import device_guard, jit, resolve_backend, tl
+from ._launch import cdiv, next_pow2
 from ._validation import check_float_matrix, check_ids, check_same_device
-
-HAS_TRITON_PATH = True
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -196,16 +195,8 @@ _MAX_TILE = 4096  # BLOCK_K · BLOCK_H elements a row program holds (more spills
 _SEGMENT_BLOCK_M = 16
 
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _block_h(H: int, block_k: int = 1) -> int:
-    return min(_next_pow2(H), _MAX_BLOCK_H, max(16, _MAX_TILE // block_k))
+    return min(next_pow2(H), _MAX_BLOCK_H, max(16, _MAX_TILE // block_k))
 
 
 def _embed_forward(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
@@ -215,12 +206,19 @@ def _embed_forward(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Te
     out = torch.empty(N, H, dtype=embedding.dtype, device=embedding.device)
     if N == 0 or H == 0:
         return out
-    block_k = _next_pow2(k)
+    block_k = next_pow2(k)
     block_h = _block_h(H, block_k)
-    _embed_fwd_kernel[(N, _cdiv(H, block_h))](
-        embedding, embedding.stride(0), ids, weights, k, H, out,
-        BLOCK_K=block_k, BLOCK_H=block_h,
-    )  # fmt: skip
+    _embed_fwd_kernel[(N, cdiv(H, block_h))](
+        emb_ptr=embedding,
+        stride_emb=embedding.stride(0),
+        ids_ptr=ids,
+        w_ptr=weights,
+        k=k,
+        H=H,
+        out_ptr=out,
+        BLOCK_K=block_k,
+        BLOCK_H=block_h,
+    )
     return out
 
 
@@ -232,11 +230,20 @@ def _embed_dweights(grad, embedding, ids, weights, *, compute_dw: bool, de_acc=N
     if N == 0 or H == 0 or (not compute_dw and de_acc is None):
         return dw
     _embed_bwd_rows_kernel[(N,)](
-        grad, embedding, embedding.stride(0), ids, weights, k, H,
-        dw if compute_dw else weights, de_acc if de_acc is not None else grad,
-        COMPUTE_DW=compute_dw, SCATTER=de_acc is not None,
-        BLOCK_K=_next_pow2(k), BLOCK_H=_block_h(H, _next_pow2(k)),
-    )  # fmt: skip
+        grad_ptr=grad,
+        emb_ptr=embedding,
+        stride_emb=embedding.stride(0),
+        ids_ptr=ids,
+        w_ptr=weights,
+        k=k,
+        H=H,
+        dw_ptr=dw if compute_dw else weights,
+        de_acc_ptr=de_acc if de_acc is not None else grad,
+        COMPUTE_DW=compute_dw,
+        SCATTER=de_acc is not None,
+        BLOCK_K=next_pow2(k),
+        BLOCK_H=_block_h(H, next_pow2(k)),
+    )
     return dw
 
 
@@ -251,10 +258,19 @@ def _embed_dembedding_sorted(grad, embedding, ids, weights) -> torch.Tensor:
     sorted_keys, src = torch.sort(keys, stable=True)
     ends = torch.searchsorted(sorted_keys, sorted_keys, right=True)
     block_h = _block_h(H)
-    _embed_bwd_segments_kernel[(sorted_keys.numel(), _cdiv(H, block_h))](
-        sorted_keys, src, ends, grad, flat_w, ids.shape[1], V, H, grad_embedding,
-        BLOCK_M=_SEGMENT_BLOCK_M, BLOCK_H=block_h,
-    )  # fmt: skip
+    _embed_bwd_segments_kernel[(sorted_keys.numel(), cdiv(H, block_h))](
+        keys_ptr=sorted_keys,
+        src_ptr=src,
+        ends_ptr=ends,
+        grad_ptr=grad,
+        w_ptr=flat_w,
+        k=ids.shape[1],
+        V=V,
+        H=H,
+        de_ptr=grad_embedding,
+        BLOCK_M=_SEGMENT_BLOCK_M,
+        BLOCK_H=block_h,
+    )
     return grad_embedding
 
 
@@ -336,7 +352,7 @@ def mixture_embed(
         `[..., H]` in the embedding's dtype.
     """
     check_embed_args(embedding, ids, weights)
-    path = resolve_backend("mixture_embed", backend, embedding.device, HAS_TRITON_PATH)
+    path = resolve_backend("mixture_embed", backend, embedding.device)
     if path == "reference" or torch.float64 in (embedding.dtype, weights.dtype):
         return mixture_embed_ref(embedding, ids, weights)
     if embedding.stride(1) != 1:

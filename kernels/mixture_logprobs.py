@@ -11,8 +11,10 @@ The reference materialises `[N,V]` logits (the eager baseline); the fused path s
 vocabulary in chunks and never holds `[N,V]`.
 
 Shapes: hidden `[..., H]`, ids `[..., k]` → logprobs `[..., k]`, logsumexp `[...]`, both
-float32 (float64 for float64 inputs). The logits are computed in the inputs' dtype, as an
-eager LM head would, and normalised in float32.
+float32 (float64 for float64 inputs). The reference computes the logits in the inputs'
+dtype, as an eager LM head would, then normalises them in float32; the Triton path keeps
+each logits tile in float32 (accumulated in float32, never rounded to a 16-bit input dtype),
+so for bf16/fp16 inputs the two paths differ by that rounding.
 
 Triton path (bf16/fp16/fp32 with hidden and weight of one dtype, both cast to the autocast
 dtype inside `torch.autocast` as `F.linear` would be; float64 inputs always run the
@@ -20,9 +22,9 @@ reference):
 - forward: programs tile `(BLOCK_N rows) × (a split of the vocabulary)`; each streams its
   split in `BLOCK_V` columns, computes the logits tile with `tl.dot` over `BLOCK_H` slices
   of H (float32 accumulation, logits kept in float32, not rounded to the input dtype), and
-  keeps an online logsumexp (running max `m`, `Σ e^{x−m}`, `Σ e^{x−m}(x−m)` for the
-  entropy). A second kernel merges the splits per row and takes the k logits at the ids as
-  dot products `<h_n, W[ids_nj]>`. Memory: `3·splits·N` floats.
+  keeps an online softmax state (`_online_softmax.py`: running max `m`, `Σ e^{x−m}`,
+  `Σ e^{x−m}(x−m)` for the entropy). A second kernel merges the splits per row and takes
+  the k logits at the ids as dot products `<h_n, W[ids_nj]>`. Memory: `3·splits·N` floats.
 - backward: for each chunk of `C` vocabulary columns (`C` chosen so the chunk buffer holds
   about `DLOGITS_BUDGET_BYTES`), a kernel recomputes the logits tile by tile and writes
   `dz [N,C]` in the input dtype (as eager autograd rounds the logits' grad); then
@@ -39,10 +41,11 @@ from __future__ import annotations
 import torch
 
 from ._backend import device_guard, jit, resolve_backend, tl, triton_interpreter_on
-from ._validation import check_float_matrix, check_ids, check_positive, check_same_device
+from ._launch import cdiv, next_pow2, sm_count
+from ._online_softmax import combine_stats, reduce_stats, tile_stats
+from ._validation import check_float_matrix, check_ids, check_same_device
 from .mixture_embed import accumulation_dtype
-
-HAS_TRITON_PATH = True
+from .spec import check_positive
 
 
 def mixture_logprobs_ref(
@@ -169,19 +172,25 @@ def _logprobs_fwd_partial_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
-        x = _logits_tile(
-            h_ptr, stride_h, w_ptr, stride_w, H, offs_n, n_mask, offs_v.to(tl.int64), v_mask,
-            BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION,
-        ) * inv_tau  # fmt: skip
-        x = tl.where(v_mask[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        alpha = tl.exp(m - m_new)
-        shift = (tl.where(s > 0, m, m_new) - m_new) * s  # 0 while nothing is summed
-        e = tl.exp(x - m_new[:, None])
-        centred = tl.where(v_mask[None, :], x - m_new[:, None], 0.0)
-        t = alpha * (t + shift) + tl.sum(e * centred, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        logits = _logits_tile(
+            h_ptr=h_ptr,
+            stride_h=stride_h,
+            w_ptr=w_ptr,
+            stride_w=stride_w,
+            H=H,
+            offs_n=offs_n,
+            n_mask=n_mask,
+            offs_v=offs_v.to(tl.int64),
+            v_mask=v_mask,
+            BLOCK_N=BLOCK_N,
+            BLOCK_V=BLOCK_V,
+            BLOCK_H=BLOCK_H,
+            UPCAST=UPCAST,
+            PRECISION=PRECISION,
+        )
+        x = tl.where(v_mask[None, :], logits * inv_tau, float("-inf"))
+        tm, ts, tt = tile_stats(x, tl.max(x, axis=1), 1)
+        m, s, t = combine_stats(m, s, t, tm, ts, tt)
     out = split.to(tl.int64) * N + offs_n
     tl.store(m_ptr + out, m, mask=n_mask)
     tl.store(s_ptr + out, s, mask=n_mask)
@@ -219,12 +228,7 @@ def _logprobs_fwd_finalize_kernel(
     m = tl.load(m_ptr + offs_s * N + row, mask=s_mask, other=float("-inf"))
     s = tl.load(s_ptr + offs_s * N + row, mask=s_mask, other=0.0)
     t = tl.load(t_ptr + offs_s * N + row, mask=s_mask, other=0.0)
-    m_max = tl.max(m, axis=0)
-    live = s > 0
-    scale = tl.where(live, tl.exp(m - m_max), 0.0)
-    total = tl.sum(s * scale, axis=0)
-    m_live = tl.where(live, m, m_max)  # an empty split (m = −inf) contributes nothing
-    centred = tl.sum(scale * (t + (m_live - m_max) * s), axis=0)
+    m_max, total, centred = reduce_stats(m, s, t, 0)
     lse = m_max + tl.log(total)
     tl.store(lse_ptr + row, lse)
     tl.store(ent_ptr + row, tl.log(total) - centred / total)
@@ -282,10 +286,23 @@ def _logprobs_bwd_dlogits_kernel(
     offs_c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_v = v0 + offs_c.to(tl.int64)
     v_mask = (offs_c < chunk) & (offs_v < V)
-    x = _logits_tile(
-        h_ptr, stride_h, w_ptr, stride_w, H, offs_n, n_mask, offs_v, v_mask,
-        BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION,
-    ) * inv_tau  # fmt: skip
+    logits = _logits_tile(
+        h_ptr=h_ptr,
+        stride_h=stride_h,
+        w_ptr=w_ptr,
+        stride_w=stride_w,
+        H=H,
+        offs_n=offs_n,
+        n_mask=n_mask,
+        offs_v=offs_v,
+        v_mask=v_mask,
+        BLOCK_N=BLOCK_N,
+        BLOCK_V=BLOCK_V,
+        BLOCK_H=BLOCK_H,
+        UPCAST=UPCAST,
+        PRECISION=PRECISION,
+    )
+    x = logits * inv_tau
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
     ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
     coef = tl.load(coef_ptr + offs_n, mask=n_mask, other=0.0)
@@ -360,14 +377,6 @@ DLOGITS_BUDGET_BYTES = 128 * 2**20
 _INTERPRETER_SPLITS = 4
 
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision: float32 follows torch's TF32 switch for matmuls."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -379,16 +388,21 @@ def _tile_config(N: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options of the logits-tile kernels."""
     if triton_interpreter_on():
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=32, UPCAST=True, PRECISION="ieee")
-    block_n = max(16, min(128, _next_pow2(N)))
+    block_n = max(16, min(128, next_pow2(N)))
     block_v = 128
     block_h = 32 if dtype == torch.float32 else 64
     precision = _dot_precision(dtype)
     if precision == "ieee":  # float32 dots on FMA units: 128×128 tiles spill registers
         block_n, block_v = min(block_n, 64), 64
     return dict(
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=False,
-        PRECISION=precision, num_warps=8, num_stages=3,
-    )  # fmt: skip
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_H=block_h,
+        UPCAST=False,
+        PRECISION=precision,
+        num_warps=8,
+        num_stages=3,
+    )
 
 
 def _matmul_config(dtype: torch.dtype) -> dict:
@@ -396,21 +410,23 @@ def _matmul_config(dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=16, BLOCK_P=32, BLOCK_KD=32, UPCAST=True, PRECISION="ieee")
     block_kd = 32 if dtype == torch.float32 else 64
     return dict(
-        BLOCK_M=128, BLOCK_P=128, BLOCK_KD=block_kd, UPCAST=False,
-        PRECISION=_dot_precision(dtype), num_warps=8, num_stages=3,
-    )  # fmt: skip
+        BLOCK_M=128,
+        BLOCK_P=128,
+        BLOCK_KD=block_kd,
+        UPCAST=False,
+        PRECISION=_dot_precision(dtype),
+        num_warps=8,
+        num_stages=3,
+    )
 
 
 def _vocab_splits(n_blocks: int, V: int, block_v: int, device: torch.device) -> tuple[int, int]:
     """`(splits, span)`: the forward grid's vocabulary axis; `span` is a multiple of BLOCK_V."""
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = _INTERPRETER_SPLITS
-    v_blocks = _cdiv(V, block_v)
-    wanted = max(1, min(v_blocks, _cdiv(target, n_blocks)))
-    span = _cdiv(v_blocks, wanted) * block_v
-    return _cdiv(V, span), span
+    target = 2 * sm_count(device) if device.type == "cuda" else _INTERPRETER_SPLITS
+    v_blocks = cdiv(V, block_v)
+    wanted = max(1, min(v_blocks, cdiv(target, n_blocks)))
+    span = cdiv(v_blocks, wanted) * block_v
+    return cdiv(V, span), span
 
 
 def _vocab_chunk(N: int, V: int, element_size: int, block_v: int) -> int:
@@ -430,19 +446,30 @@ def _logprobs_forward(hidden, weight, ids, temperature):
     if N == 0:
         return logp, lse, ent
     cfg = _tile_config(N, hidden.dtype)
-    n_blocks = _cdiv(N, cfg["BLOCK_N"])
+    n_blocks = cdiv(N, cfg["BLOCK_N"])
     splits, span = _vocab_splits(n_blocks, V, cfg["BLOCK_V"], dev)
     partial = torch.empty(3, splits, N, dtype=torch.float32, device=dev)
+    inputs = dict(h_ptr=hidden, stride_h=hidden.stride(0), w_ptr=weight, stride_w=weight.stride(0))
+    states = dict(m_ptr=partial[0], s_ptr=partial[1], t_ptr=partial[2])
     _logprobs_fwd_partial_kernel[(n_blocks, splits)](
-        hidden, hidden.stride(0), weight, weight.stride(0), N, V, H, 1.0 / temperature,
-        partial[0], partial[1], partial[2], span, **cfg,
-    )  # fmt: skip
+        N=N, V=V, H=H, inv_tau=1.0 / temperature, span=span, **inputs, **states, **cfg
+    )
     _logprobs_fwd_finalize_kernel[(N,)](
-        partial[0], partial[1], partial[2], splits,
-        hidden, hidden.stride(0), weight, weight.stride(0), ids, N, H, k, 1.0 / temperature,
-        logp, lse, ent,
-        BLOCK_S=_next_pow2(splits), BLOCK_K=_next_pow2(k), BLOCK_H=min(_next_pow2(H), 256),
-    )  # fmt: skip
+        splits=splits,
+        ids_ptr=ids,
+        N=N,
+        H=H,
+        k=k,
+        inv_tau=1.0 / temperature,
+        logp_ptr=logp,
+        lse_ptr=lse,
+        ent_ptr=ent,
+        BLOCK_S=next_pow2(splits),
+        BLOCK_K=next_pow2(k),
+        BLOCK_H=min(next_pow2(H), 256),
+        **inputs,
+        **states,
+    )
     return logp, lse, ent
 
 
@@ -451,10 +478,19 @@ def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Non
     M, Kd = a.shape
     P = b.shape[1]
     cfg = _matmul_config(a.dtype)
-    grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(P, cfg["BLOCK_P"]))
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(P, cfg["BLOCK_P"]))
     _matmul_accumulate_kernel[grid](
-        a, a.stride(0), b, b.stride(0), c, c.stride(0), M, P, Kd, **cfg
-    )  # fmt: skip
+        a_ptr=a,
+        stride_a=a.stride(0),
+        b_ptr=b,
+        stride_b=b.stride(0),
+        c_ptr=c,
+        stride_c=c.stride(0),
+        M=M,
+        P=P,
+        Kd=Kd,
+        **cfg,
+    )
 
 
 def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
@@ -477,11 +513,28 @@ def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
     for v0 in range(0, V, chunk):
         width = min(chunk, V - v0)
         dz_chunk = dz[:, :width]
-        _logprobs_bwd_dlogits_kernel[(_cdiv(N, cfg["BLOCK_N"]), _cdiv(width, cfg["BLOCK_V"]))](
-            hidden, hidden.stride(0), weight, weight.stride(0), N, V, H, v0, width,
-            1.0 / temperature, lse, ent, coef, g_ent, ids, g, dz_chunk, dz_chunk.stride(0),
-            K=k, **cfg,
-        )  # fmt: skip
+        _logprobs_bwd_dlogits_kernel[(cdiv(N, cfg["BLOCK_N"]), cdiv(width, cfg["BLOCK_V"]))](
+            h_ptr=hidden,
+            stride_h=hidden.stride(0),
+            w_ptr=weight,
+            stride_w=weight.stride(0),
+            N=N,
+            V=V,
+            H=H,
+            v0=v0,
+            chunk=width,
+            inv_tau=1.0 / temperature,
+            lse_ptr=lse,
+            ent_ptr=ent,
+            coef_ptr=coef,
+            gent_ptr=g_ent,
+            ids_ptr=ids,
+            g_ptr=g,
+            dz_ptr=dz_chunk,
+            stride_dz=dz_chunk.stride(0),
+            K=k,
+            **cfg,
+        )
         if need_weight:
             torch.mm(dz_chunk.t(), hidden, out=grad_weight[v0 : v0 + width])
         if need_hidden:
@@ -582,7 +635,7 @@ def mixture_logprobs(
         `entropy [...]` third when `return_entropy`.
     """
     check_logprobs_args(hidden, lm_head_weight, ids, temperature)
-    path = resolve_backend("mixture_logprobs", backend, hidden.device, HAS_TRITON_PATH)
+    path = resolve_backend("mixture_logprobs", backend, hidden.device)
     if path == "reference" or torch.float64 in (hidden.dtype, lm_head_weight.dtype):
         outputs = _reference_path(hidden, lm_head_weight, ids, temperature, return_entropy)
     else:

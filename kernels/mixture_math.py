@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._validation import REPRESENTATIVES, WEIGHTINGS, check_choice
+from .spec import REPRESENTATIVES, WEIGHTINGS, check_choice
 
 _LOW_ID_BITS = 32
 
@@ -83,7 +83,7 @@ def slot_mask(
 
 
 def renormalised_logprobs(slot_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`log p̃ [B,k]`: log-probs renormalised over the valid slots, −inf on masked ones."""
+    """`log p̃ [..., k]`: log-probs renormalised over the valid slots, −inf on masked ones."""
     masked = slot_logprobs.masked_fill(~mask, float("-inf"))
     return masked - masked.logsumexp(-1, keepdim=True)
 
@@ -127,7 +127,7 @@ def mixture_weights(
         logits = log_p
     elif weighting == "dirichlet":
         if weight_noise is not None:
-            raise ValueError("weight_noise applies to weighting='gumbel' only")
+            raise ValueError("weight noise applies to weighting='gumbel' only")
         alpha = (concentration * log_p.exp()).masked_fill(~mask, 1.0)
         logits = log_dirichlet_draw(alpha, generator).masked_fill(~mask, float("-inf"))
     else:

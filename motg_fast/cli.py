@@ -1,24 +1,33 @@
-"""Command lines generated from a config dataclass.
+"""Command lines generated from the config dataclass, with transformers' ``HfArgumentParser``.
 
-:func:`build_parser` makes one ``--name`` flag per dataclass field, typed from the annotation:
-``int``/``float``/``str``; ``X | None`` (pass ``none`` for None); ``bool`` (``--name`` and
-``--no-name``); ``tuple[float, float]`` (two values). The help text is the field's
-``metadata["help"]``, with its default. :func:`parse_config` resolves, in order: the dataclass
-defaults, ``--config FILE`` (a saved config JSON), ``--preset NAME``, then the explicit flags.
-:func:`run_cli` turns the expected errors of a command into one ``error: …`` line and exit code 2.
+Every field of :class:`~motg_fast.config.Config` is a ``--name`` flag (``--name-with-dashes``
+too) with the field's type, default and help text, as TRL's scripts do: ``X | None`` takes
+``none`` for None; a ``bool`` takes ``--name``, ``--name false`` or ``--no_name``/``--no-name``;
+a list takes several values (``--betas 0.9 0.99``). :func:`parse_config` resolves, in order:
+the dataclass defaults, ``--config FILE`` (a YAML or JSON file of ``field: value``, e.g. a
+saved ``config.json``), ``--preset NAME``, then the explicit flags. A bad flag or value is one
+``error: …`` line (exit 2); :func:`run_cli` does the same for a command's expected errors.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .config import PRESETS, Config
+from transformers import HfArgumentParser
+
+from .config import PRESETS, Config, read_config_file
+
+
+class _OneLineParser(HfArgumentParser):
+    """An ``HfArgumentParser`` whose errors are one line, not the whole usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
 
 
 def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -29,45 +38,15 @@ def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
-    """``(X, True)`` for ``X | None`` / ``Optional[X]``, else ``(annotation, False)``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
-            return args[0], True
-    return annotation, False
-
-
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, annotation: Any) -> None:
-    """Add the flag of one dataclass field (default suppressed: explicit flags are detectable)."""
-    base, optional = _unwrap_optional(annotation)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    help_text = f.metadata.get("help", "")
-    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
-    flag = "--" + f.name
-    if base is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
-        kwargs["help"] = f"{help_text} (default: {default})"
-        parser.add_argument(flag, **kwargs)
-        return
-    if typing.get_origin(base) is tuple:
-        item_types = typing.get_args(base)
-        kwargs["nargs"] = len(item_types)
-        kwargs["type"] = item_types[0]
-        kwargs["metavar"] = tuple(f.name.upper() for _ in item_types)
-        shown = " ".join(str(v) for v in default)
-    elif base in (int, float, str):
-        kwargs["type"] = _none_or(base) if optional else base
-        shown = "none" if default is None else str(default)
-    else:
-        raise TypeError(f"field {f.name!r}: unsupported type {annotation!r} for the command line")
-    if "choices" in f.metadata:
-        kwargs["choices"] = f.metadata["choices"]
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    kwargs["help"] = f"{help_text} (default: {shown})".replace("%", "%%")
-    parser.add_argument(flag, **kwargs)
+def _optional_fields(config_cls: type) -> set[str]:
+    """Names of the fields typed ``X | None``."""
+    hints = typing.get_type_hints(config_cls)
+    optional = set()
+    for name, hint in hints.items():
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        if union and type(None) in typing.get_args(hint):
+            optional.add(name)
+    return optional
 
 
 def build_parser(
@@ -76,13 +55,13 @@ def build_parser(
     *,
     prog: str | None = None,
     description: str | None = None,
-    fields: Sequence[str] | None = None,
-) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of ``config_cls`` plus ``--preset``/``--config``.
-
-    ``fields`` restricts the flags to those names (all fields when None).
-    """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+) -> HfArgumentParser:
+    """The parser: one flag per field of ``config_cls`` plus ``--preset`` and ``--config``."""
+    parser = _OneLineParser(config_cls, prog=prog, description=description)
+    optional = _optional_fields(config_cls)
+    for action in parser._actions:
+        if action.dest in optional and action.type is not None:
+            action.type = _none_or(action.type)
     parser.add_argument(
         "--preset",
         choices=list(presets),
@@ -93,32 +72,26 @@ def build_parser(
         "--config",
         default=None,
         metavar="FILE",
-        help="a saved config JSON applied before --preset and the flags",
+        help="a YAML or JSON file of field: value (e.g. a run's config.json), applied first",
     )
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        if fields is None or f.name in fields:
-            _add_field(parser, f, hints[f.name])
     return parser
 
 
-def config_from_args(
-    args: argparse.Namespace,
-    config_cls: type = Config,
-    presets: Mapping[str, Mapping[str, Any]] = PRESETS,
-) -> Any:
-    """Resolve a parsed namespace into a config: defaults < --config < --preset < flags."""
+def _file_and_preset(
+    parser: HfArgumentParser, argv: Sequence[str], presets: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The values of ``--config FILE`` then ``--preset NAME`` (later wins)."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default=None)
+    first.add_argument("--preset", default=None, choices=list(presets))
+    first.error = parser.error
+    known, _ = first.parse_known_args(argv)
     values: dict[str, Any] = {}
-    explicit = {k: v for k, v in vars(args).items() if k not in ("preset", "config")}
-    if args.config:
-        values.update(config_cls.load(args.config).to_dict())
-    if args.preset:
-        values.update(presets[args.preset])
-    values.update(explicit)
-    for f in dataclasses.fields(config_cls):
-        if isinstance(values.get(f.name), list):
-            values[f.name] = tuple(values[f.name])
-    return config_cls(**values)
+    if known.config:
+        values.update(read_config_file(known.config))
+    if known.preset:
+        values.update(presets[known.preset])
+    return values
 
 
 def parse_config(
@@ -130,8 +103,20 @@ def parse_config(
     description: str | None = None,
 ) -> Any:
     """Parse ``argv`` (default ``sys.argv[1:]``) into a config (not yet validated)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(config_cls, presets, prog=prog, description=description)
-    return config_from_args(parser.parse_args(argv), config_cls, presets)
+    values = _file_and_preset(parser, argv, presets)
+    names = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+    parser.set_defaults(**values)
+    config, _, unknown_flags = parser.parse_args_into_dataclasses(
+        argv, return_remaining_strings=True
+    )
+    if unknown_flags:
+        parser.error(f"unrecognized arguments: {' '.join(unknown_flags)}")
+    return config
 
 
 def run_cli(

@@ -1,30 +1,32 @@
 """The one run configuration of motg_fast: model, tasks, decoding, evaluation and training.
 
 Every command line (``python -m motg_fast.evaluate``, the trainer's) is generated from
-:class:`Config` by :func:`motg_fast.cli.parse_config`: one ``--flag`` per field with the field's
-type, default and help text. ``--preset NAME`` applies one of :data:`PRESETS` before the explicit
-flags. Every run writes its resolved config (:meth:`Config.save`).
+:class:`Config` by :func:`motg_fast.cli.parse_config` (transformers' ``HfArgumentParser``): one
+``--flag`` per field with the field's type, default and help text. ``--config FILE`` (YAML or
+JSON) and ``--preset NAME`` (one of :data:`PRESETS`) apply before the explicit flags. Every run
+writes its resolved config (:meth:`Config.save`).
+
+The sampling settings of a thinking step are the fields of
+:class:`~motg_fast.kernels.MixtureSpec`, added to :class:`Config` from the spec itself (flat, so
+the flags are ``--k``, ``--temperature``, …); :attr:`Config.spec` builds the spec. A new spec
+field is a new flag, a saved value and a check with no change here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import re
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .grpo import ADVANTAGE_SCALINGS, AGGREGATIONS
+from .kernels import LIKELIHOODS, MixtureSpec
+from .models import DEFAULT_MODEL
 from .prompting import SYSTEM_PROMPT
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # same as motg_fast.models.DEFAULT_MODEL (kept light)
-
-SELECTIONS = ("topk", "sample")
-WEIGHTINGS = ("prob", "dirichlet", "gumbel")
-REPRESENTATIVES = ("sample", "argmax")
-LIKELIHOODS = ("token", "weighted", "exact")
-AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
-ADVANTAGE_SCALINGS = ("group", "batch", "none")
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 
 
@@ -36,7 +38,30 @@ def _f(default: Any, help: str, **kwargs) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+def _with_spec_fields(after: str, **defaults: Any):
+    """Class decorator (applied before ``@dataclass``): insert every :class:`MixtureSpec`
+    field, with its type and help, after the field ``after``; ``defaults`` override the
+    spec's defaults."""
+
+    def add(cls):
+        hints = typing.get_type_hints(MixtureSpec)
+        annotations = {}
+        for name, annotation in cls.__annotations__.items():
+            annotations[name] = annotation
+            if name != after:
+                continue
+            for f in dataclasses.fields(MixtureSpec):
+                annotations[f.name] = hints[f.name]
+                default = defaults.get(f.name, f.default)
+                setattr(cls, f.name, field(default=default, metadata=f.metadata))
+        cls.__annotations__ = annotations
+        return cls
+
+    return add
+
+
 @dataclass
+@_with_spec_fields(after="system_prompt", k=2, temperature=0.9)
 class Config:
     """All options of a run. Defaults: the embedded SmolLM2-135M on easy ``basic_arithmetic``."""
 
@@ -73,18 +98,7 @@ class Config:
     seed: int = _f(42, "seed of the datasets, of prompt sampling and of decoding")
     system_prompt: str = _f(SYSTEM_PROMPT, "system prompt asking for <think>/<answer>")
 
-    # --- decoding (MoT-G; k = 1 is ordinary decoding) ----------------------------------
-    k: int = _f(2, "tokens mixed per thinking step (1 = discrete decoding)")
-    temperature: float = _f(0.9, "sampling temperature τ")
-    selection: str = _f("topk", "candidate selection", choices=SELECTIONS)
-    weighting: str = _f("prob", "mixture weights", choices=WEIGHTINGS)
-    top_p: float | None = _f(None, "nucleus filter on the k slots (none: off)")
-    min_p: float | None = _f(None, "min-p filter on the k slots (none: off)")
-    concentration: float = _f(1.0, "Dirichlet concentration c (weighting=dirichlet)")
-    gumbel_temperature: float = _f(1.0, "Gumbel-softmax temperature λ (weighting=gumbel)")
-    representative: str = _f(
-        "sample", "representative token: sample from w, or argmax", choices=REPRESENTATIVES
-    )
+    # --- decoding: the MixtureSpec fields (k = 2, τ = 0.9, ...) are inserted here --------
     max_prompt_tokens: int = _f(512, "prompt length limit (longer questions are cut in the middle)")
     max_new_tokens: int = _f(256, "completion length limit")
 
@@ -104,7 +118,7 @@ class Config:
     )
     steps: int = _f(30, "training steps (the default is a CPU-sized taste)")
     lr: float = _f(1e-5, "AdamW learning rate")
-    betas: tuple[float, float] = _f((0.9, 0.99), "AdamW betas")
+    betas: list[float] = _f((0.9, 0.99), "AdamW betas (two numbers)")
     weight_decay: float = _f(0.1, "AdamW weight decay")
     grad_clip: float = _f(1.0, "gradient-norm clip")
     warmup_ratio: float = _f(0.0, "fraction of updates with linear warm-up (then constant)")
@@ -125,8 +139,11 @@ class Config:
     eval_every: int = _f(0, "held-out evaluation every N steps (0: never)")
     resume: bool = _f(False, "resume from the latest checkpoint in run_dir")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory)")
-    log_every: int = _f(1, "print metrics every N steps")
+    log_every: int = _f(1, "without the progress bar, print a metrics line every N steps")
     progress: bool = _f(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # a list from the command line or a file
 
     # ------------------------------------------------------------------ validation
     def validate(self, *, training: bool = True) -> Config:
@@ -142,7 +159,6 @@ class Config:
         _positive_ints(
             self,
             "dataset_size",
-            "k",
             "max_prompt_tokens",
             "max_new_tokens",
             "eval_samples",
@@ -162,14 +178,8 @@ class Config:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.dataset_size < 2:
             raise ValueError(f"dataset_size must be >= 2, got {self.dataset_size}")
-        if not self.temperature > 0 or not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
-        _positive_floats(self, "concentration", "gumbel_temperature")
-        for name in ("top_p", "min_p"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1] or none, got {value}")
-        from .tasks import check_tasks  # local: keeps `import motg_fast.config` light
+        MixtureSpec.from_mapping(self)  # the spec checks its own fields
+        from .tasks import check_tasks  # local: reasoning_gym loads only when needed
 
         check_tasks(self.tasks, self.task_options)
         if training:
@@ -188,17 +198,13 @@ class Config:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        deterministic = (
-            self.selection == "topk"
-            and self.weighting == "prob"
-            and (self.representative == "argmax" or self.k == 1)
-        )
-        if deterministic:
+        if self.spec.is_deterministic:
             raise ValueError(
                 "selection=topk, weighting=prob with a deterministic token (k=1 or "
                 "representative=argmax) is greedy decoding: there is nothing to learn from "
                 "(and no exact likelihood); use selection=sample or a random weighting"
             )
+        self.spec.check_likelihood(self.likelihood)
 
     # ------------------------------------------------------------------ helpers
     def reward_weights(self):
@@ -212,20 +218,10 @@ class Config:
             partial_credit=self.reward_partial_credit,
         )
 
-    def decoding_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``RolloutEngine.generate`` for this config's decoding."""
-        keys = (
-            "k",
-            "temperature",
-            "selection",
-            "weighting",
-            "top_p",
-            "min_p",
-            "concentration",
-            "gumbel_temperature",
-            "representative",
-        )
-        return {key: getattr(self, key) for key in keys}
+    @property
+    def spec(self) -> MixtureSpec:
+        """The :class:`MixtureSpec` of this config's thinking steps (validated on creation)."""
+        return MixtureSpec.from_mapping(self)
 
     def eval_output_path(self) -> Path:
         """Where evaluation writes its JSON."""
@@ -264,24 +260,43 @@ class Config:
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-        values = dict(values)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
         return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
-        """Read a saved config (a JSON file, or a directory holding ``config.json``)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            values = json.loads(path.read_text())
-        except OSError:
-            raise ValueError(f"config file {str(path)!r} cannot be read") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
-        return cls.from_dict(values)
+        """Read a config file: YAML or JSON (a directory means its ``config.json``)."""
+        return cls.from_dict(read_config_file(path))
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, reading ``1e-5`` as a float (YAML 1.2, JSON) and not a string."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
+    return Loader
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON config file (a directory: its ``config.json``)."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        values = yaml.load(path.read_text(), Loader=_yaml_loader())  # noqa: S506 - safe loader
+    except OSError:
+        raise ValueError(f"config file {str(path)!r} cannot be read") from None
+    except yaml.YAMLError as err:
+        reason = " ".join(str(err).split())
+        raise ValueError(f"config file {str(path)!r} is not valid YAML or JSON: {reason}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
+    return values
 
 
 def _positive_ints(config: Config, *names: str) -> None:
@@ -296,13 +311,6 @@ def _non_negative_ints(config: Config, *names: str) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _positive_floats(config: Config, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not value > 0 or not math.isfinite(value):
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 _PAPER: dict[str, Any] = dict(

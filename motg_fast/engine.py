@@ -1,8 +1,8 @@
 """Rollout engine: G trajectories per prompt for a batch of prompts, MoT-G or discrete.
 
     engine = RolloutEngine(model, tokenizer, max_new_tokens=512)
-    rollout = engine.generate(prompt_ids, group_size=10, k=2, temperature=0.9,
-                              selection="topk", weighting="dirichlet", seed=0)
+    spec = MixtureSpec(k=2, temperature=0.9, selection="topk", weighting="dirichlet")
+    trajectories = engine.generate(prompt_ids, spec, group_size=10, seed=0)
 
 How a run goes (N = B·G trajectories; trajectory n belongs to prompt n // G):
 
@@ -22,11 +22,9 @@ How a run goes (N = B·G trajectories; trajectory n belongs to prompt n // G):
    `<think>`): k mixture slots with the run's selection and weighting. The row switches to
    the discrete phase after the representative token whose decoded text completes the
    end-of-thinking marker (default "</think>"). Detection is on *decoded text*, not on the
-   marker's token ids: a character automaton of the marker is advanced by each token's text
-   (`MarkerMatcher`, a `[m+1, V]` transition table on the device), so any tokenization of
-   the marker, e.g. a merged `">\\n"` token, is caught, and it costs one gather per step with
-   no host sync. Discrete positions use k = 1, `sample`, temperature τ, except in a k = 1
-   run, where the run's own selection applies throughout (greedy stays greedy). A discrete
+   marker's token ids (`motg_fast.marker.MarkerMatcher`: one gather per step, no host sync).
+   Discrete positions use `spec.answer_spec()` (k = 1, `sample`, temperature τ), except in a
+   k = 1 run, where the run's own spec applies throughout (greedy stays greedy). A discrete
    position is stored as ids `[y, y, …]`, weights `[1, 0, …]`, mask `[True, False, …]`,
    log-probs `[log p(y), …]` (the log-prob at each stored id), token slot 0. A step whose
    live rows are all in one phase runs one `mixture_step`; a mixed batch runs both (the
@@ -38,274 +36,33 @@ How a run goes (N = B·G trajectories; trajectory n belongs to prompt n // G):
    `compact_fraction` of the batch has finished, the live rows are compacted to the front of
    the cache buffers (`index_select` of the filled prefix, same buffers) and all per-row
    state follows, so finished rows stop costing compute. Positions past a row's end are
-   zero (ids 0, weights 0, mask False, phase 0). `Rollout.texts` decode the representative
-   tokens, the final EOS token left out.
+   zero (ids 0, weights 0, mask False, `Phase.PAD`). `Trajectories.texts` decode the
+   representative tokens, the final EOS token left out.
 
 Randomness: every draw comes from one `torch.Generator` on the model's device seeded with
 `seed`, in step order over the active rows, so a rollout is reproducible for fixed inputs
 and engine settings; the draws a row sees depend on the batch composition (compaction,
 `sync_every`), not only on its own history.
 
-Rollout tensors live on the model's device.
+Trajectory tensors live on the model's device.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .cache import PreallocatedCache, check_layer_types
-from .kernels import REPRESENTATIVES, SELECTIONS, WEIGHTINGS, mixture_step, token_slot
-from .kernels._validation import check_choice, check_k, check_positive, check_probability
+from .kernels import MixtureSpec, mixture_step, token_slot
+from .kernels.spec import check_k
+from .marker import MarkerMatcher, decode_token_texts
+from .types import Phase, Trajectories, left_pad
 
-PHASE_NONE = 0
-PHASE_MIXTURE = 1
-PHASE_DISCRETE = 2
-
-__all__ = [
-    "PHASE_DISCRETE",
-    "PHASE_MIXTURE",
-    "PHASE_NONE",
-    "MarkerMatcher",
-    "Rollout",
-    "RolloutEngine",
-    "SamplingConfig",
-    "default_attn_implementation",
-    "model_load_kwargs",
-    "set_attn_implementation",
-]
-
-
-# --------------------------------------------------------------------------------------
-# Attention implementation helpers
-# --------------------------------------------------------------------------------------
-
-
-def _flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def default_attn_implementation(device: torch.device | str | None = None) -> str:
-    """`"flash_attention_2"` for CUDA when `flash_attn` imports, `"sdpa"` otherwise."""
-    device = torch.device(device) if device is not None else None
-    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    return "flash_attention_2" if on_cuda and _flash_attn_available() else "sdpa"
-
-
-def model_load_kwargs(device: torch.device | str | None = None) -> dict:
-    """Keyword arguments for `from_pretrained`/`from_config`: attention and dtype for `device`.
-
-    bf16 with FlashAttention-2 (or SDPA) on CUDA, float32 with SDPA elsewhere.
-    """
-    device = torch.device(device) if device is not None else None
-    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    dtype = torch.bfloat16 if on_cuda else torch.float32
-    return {"attn_implementation": default_attn_implementation(device), "dtype": dtype}
-
-
-def set_attn_implementation(model: torch.nn.Module, implementation: str | None = None) -> str:
-    """Switch a loaded HF model to `implementation` (default: `default_attn_implementation`)."""
-    device = model.get_input_embeddings().weight.device
-    implementation = implementation or default_attn_implementation(device)
-    model.set_attn_implementation(implementation)
-    return implementation
-
-
-# --------------------------------------------------------------------------------------
-# Sampling settings
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Decoding settings of one run (see `RolloutEngine.generate`); validated on creation."""
-
-    k: int = 1
-    temperature: float = 1.0
-    selection: str = "topk"
-    weighting: str = "prob"
-    top_p: float | None = None
-    min_p: float | None = None
-    concentration: float = 1.0
-    gumbel_temperature: float = 1.0
-    representative: str = "sample"
-
-    def __post_init__(self) -> None:
-        check_k(self.k, vocab_size=math.inf)  # the engine checks k against its vocabulary
-        check_choice("selection", self.selection, SELECTIONS)
-        check_choice("weighting", self.weighting, WEIGHTINGS)
-        check_choice("representative", self.representative, REPRESENTATIVES)
-        for name in ("temperature", "concentration", "gumbel_temperature"):
-            check_positive(name, getattr(self, name))
-        check_probability("top_p", self.top_p, allow_zero=False)
-        check_probability("min_p", self.min_p, allow_zero=True)
-
-    @property
-    def discrete(self) -> bool:
-        """A k = 1 run: ordinary decoding with the run's own selection throughout."""
-        return self.k == 1
-
-    def step_kwargs(self) -> dict:
-        """Keyword arguments of `mixture_step` for a thinking-phase step."""
-        return dict(
-            k=self.k,
-            temperature=self.temperature,
-            selection=self.selection,
-            weighting=self.weighting,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            concentration=self.concentration,
-            gumbel_temperature=self.gumbel_temperature,
-            representative=self.representative,
-        )
-
-    def discrete_step_kwargs(self) -> dict:
-        """Keyword arguments of `mixture_step` for a discrete-phase step of a mixture run."""
-        return dict(
-            k=1,
-            temperature=self.temperature,
-            selection="sample",
-            weighting="prob",
-            representative="argmax",  # one slot: no draw needed
-        )
-
-
-# --------------------------------------------------------------------------------------
-# End-of-thinking detection on decoded text
-# --------------------------------------------------------------------------------------
-
-
-def _advance_text(marker: str, state: int, text: str) -> int:
-    """Automaton state after reading `text` from `state` (len(marker) once the marker occurred)."""
-    full = marker[:state] + text
-    if marker in full:
-        return len(marker)
-    for length in range(min(len(marker) - 1, len(full)), 0, -1):
-        if full.endswith(marker[:length]):
-            return length
-    return 0
-
-
-def _token_transitions(marker: str, text: str) -> list[int]:
-    """Next state from every state 0..m (m = len(marker), absorbing) after one token's text."""
-    m = len(marker)
-    if marker in text:
-        return [m] * (m + 1)
-    if text in marker:  # short tokens (and ""): the result depends on the state in general
-        return [_advance_text(marker, s, text) for s in range(m)] + [m]
-    # `text` is not a substring of the marker, so the longest marker prefix ending the text
-    # lies inside `text` (independent of the state); only a match that starts in the
-    # already-matched prefix and ends inside `text` depends on the state.
-    tail = 0
-    if text[-1] in marker:
-        tail = next(
-            (n for n in range(min(m - 1, len(text)), 0, -1) if text.endswith(marker[:n])), 0
-        )
-    column = [tail] * m + [m]
-    if text[0] in marker:
-        for j in range(1, m):
-            if text.startswith(marker[j:]):
-                for state in range(j, m):
-                    if marker[:state].endswith(marker[:j]):
-                        column[state] = m
-    return column
-
-
-def build_marker_table(marker: str, token_texts: Sequence[str]) -> torch.Tensor:
-    """Transition table `[m+1, V]` int64 of the marker's character automaton over token texts.
-
-    State s < m: the decoded text so far ends with `marker[:s]` (longest such s) and the
-    marker has not occurred; state m: the marker occurred (absorbing). Row s, column v is
-    the state after token v's text.
-    """
-    if not marker:
-        raise ValueError("the end-of-thinking marker must be a non-empty string")
-    columns = [_token_transitions(marker, text) for text in token_texts]
-    return torch.tensor(columns, dtype=torch.int64).T.contiguous()
-
-
-class MarkerMatcher:
-    """Tracks, per row and on the device, whether the decoded text has produced `marker`.
-
-    Args:
-        marker: the end-of-thinking text, e.g. "</think>".
-        token_texts: each vocabulary id decoded alone (`V` strings; ids the tokenizer does
-            not know decode to ""). A marker starting with whitespace is not supported by
-            tokenizers that drop a token's leading space when decoding it alone.
-        device: where the `[m+1, V]` table lives.
-    """
-
-    def __init__(self, marker: str, token_texts: Sequence[str], device: torch.device):
-        self.marker = marker
-        self.table = build_marker_table(marker, token_texts).to(device)
-        self.done_state = len(marker)
-        self._flat = self.table.view(-1)
-        self._vocab = self.table.shape[1]
-
-    def start(self, rows: int) -> torch.Tensor:
-        """Initial states `[rows]` int64 (nothing matched)."""
-        return torch.zeros(rows, dtype=torch.int64, device=self.table.device)
-
-    def advance(self, state: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        """States `[n]` after tokens `[n]` (no host sync)."""
-        return self._flat[state * self._vocab + token]
-
-    def matched(self, state: torch.Tensor) -> torch.Tensor:
-        """`[n]` bool: the marker has occurred."""
-        return state == self.done_state
-
-
-def decode_token_texts(tokenizer, vocab_size: int) -> list[str]:
-    """Each id in `range(vocab_size)` decoded alone (ids unknown to the tokenizer give "")."""
-    texts = tokenizer.batch_decode([[i] for i in range(vocab_size)], skip_special_tokens=False)
-    return [t if isinstance(t, str) else "" for t in texts]
-
-
-# --------------------------------------------------------------------------------------
-# Rollout (the result)
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """N = B·G trajectories, T = longest completion, k slots (tensors on the model's device).
-
-    Every completion position holds one action: ids/weights/mask `[k]` (the mixture, or a
-    discrete token as `[y, …]`, `[1, 0, …]`, `[True, False, …]`), the representative token
-    and its slot, the phase, and the rollout log-probs at the ids (temperature τ). Positions
-    past a row's end are zero / False / phase 0.
-    """
-
-    prompt_ids: list[list[int]]  # N prompts (prompt n // G for trajectory n)
-    ids: torch.Tensor  # [N,T,k] int64 candidate ids
-    weights: torch.Tensor  # [N,T,k] float32 mixture weights
-    mask: torch.Tensor  # [N,T,k] bool slot validity
-    logprobs: torch.Tensor  # [N,T,k] float32 log p(ids) at temperature τ
-    token: torch.Tensor  # [N,T] int64 representative token
-    token_slot: torch.Tensor  # [N,T] int64 slot of `token` in `ids`
-    phase: torch.Tensor  # [N,T] int8 PHASE_MIXTURE / PHASE_DISCRETE / PHASE_NONE
-    completion_mask: torch.Tensor  # [N,T] bool
-    lengths: torch.Tensor  # [N] int64
-    texts: list[str]  # decoded representative tokens (the final EOS token left out)
-    stop_reasons: list[str]  # "eos" | "length"
-    group: torch.Tensor  # [N] int64 prompt index
-    entropy: torch.Tensor  # [N,T] float32 entropy of p at each step (0 past the end)
-    logits: torch.Tensor | None = None  # [N,T,V] float32 raw logits seen (return_logits=True)
-    stats: dict = field(default_factory=dict)  # counters: steps, forward rows, compactions
-
-    @property
-    def num_tokens(self) -> int:
-        """Generated tokens (completion positions) over all trajectories."""
-        return int(self.lengths.sum())
+__all__ = ["RolloutEngine"]
 
 
 # --------------------------------------------------------------------------------------
@@ -319,7 +76,7 @@ class _Plan:
 
     prompts: list[list[int]]  # B prompts
     group_size: int  # G
-    sampling: SamplingConfig
+    spec: MixtureSpec
     steps: int  # T, max new tokens
     generator: torch.Generator | None
     share_prefill: bool
@@ -376,7 +133,7 @@ class _Record:
     """Step-major output buffers `[T, N, …]`, written at the active rows each step."""
 
     def __init__(self, plan: _Plan, vocab: int, device: torch.device):
-        steps, rows, k = plan.steps, plan.rows, plan.sampling.k
+        steps, rows, k = plan.steps, plan.rows, plan.spec.k
         z = dict(device=device)
         self.ids = torch.zeros(steps, rows, k, dtype=torch.int64, **z)
         self.weights = torch.zeros(steps, rows, k, dtype=torch.float32, **z)
@@ -472,7 +229,7 @@ class RolloutEngine:
     Args:
         model: an HF causal LM (or a module with the same forward and
             `get_input_embeddings()`); its attention implementation is used as configured
-            (see `set_attn_implementation`).
+            (`motg_fast.models.load_model` picks FlashAttention-2 or SDPA).
         tokenizer: the model's tokenizer (decodes texts and the marker automaton's tokens).
         max_new_tokens: default completion length limit T.
         think_end: end-of-thinking marker text; None keeps every row in the thinking phase.
@@ -598,43 +355,36 @@ class RolloutEngine:
                 f"the model's context of {limit} positions (max_position_embeddings)"
             )
 
-    def _check_run(self, group_size: int, sampling: SamplingConfig) -> None:
+    def _check_run(self, group_size: int, spec: MixtureSpec) -> None:
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
             raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-        check_k(sampling.k, self.vocab_size)
+        if not isinstance(spec, MixtureSpec):
+            raise TypeError(f"spec must be a MixtureSpec, got {type(spec).__name__}")
+        check_k(spec.k, self.vocab_size)
 
     # ---- public API -------------------------------------------------------------------
 
     def generate(
         self,
         prompt_ids: Sequence[Sequence[int]],
+        spec: MixtureSpec = MixtureSpec(),  # noqa: B008 - frozen: greedy decoding
         *,
         group_size: int = 1,
-        k: int = 1,
-        temperature: float = 1.0,
-        selection: str = "topk",
-        weighting: str = "prob",
-        top_p: float | None = None,
-        min_p: float | None = None,
-        concentration: float = 1.0,
-        gumbel_temperature: float = 1.0,
-        representative: str = "sample",
         seed: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
         share_prefill: bool = True,
         return_logits: bool = False,
-    ) -> Rollout:
+    ) -> Trajectories:
         """Roll out `group_size` trajectories for each of the B prompts.
 
         Args:
             prompt_ids: B lists of token ids (mixed lengths; left padded internally). Each
                 should end with the thinking opener (e.g. "<think>").
+            spec: the `MixtureSpec` of a thinking step (see `motg_fast.kernels.mixture_step`);
+                k = 1 is ordinary decoding (`topk` greedy, `sample` multinomial). Default:
+                greedy decoding.
             group_size: G ≥ 1; trajectory n belongs to prompt n // G.
-            k, temperature, selection, weighting, top_p, min_p, concentration,
-                gumbel_temperature, representative: the MoT-G step (see
-                `motg_fast.kernels.mixture_step`); k = 1 is ordinary decoding (`topk`
-                greedy, `sample` multinomial).
             seed: seeds the run's generator on the model's device (None: global RNG).
             max_new_tokens: completion limit T (default: the engine's).
             progress: show a tqdm bar over decode steps.
@@ -643,31 +393,20 @@ class RolloutEngine:
             return_logits: also return the raw logits of every step, `[N,T,V]` float32.
 
         Returns:
-            A `Rollout` (see its fields).
+            `Trajectories` with texts, stop reasons, entropy, group index and engine stats.
         """
-        sampling = SamplingConfig(
-            k=k,
-            temperature=temperature,
-            selection=selection,
-            weighting=weighting,
-            top_p=top_p,
-            min_p=min_p,
-            concentration=concentration,
-            gumbel_temperature=gumbel_temperature,
-            representative=representative,
-        )
         steps = self._check_length(
             self.max_new_tokens if max_new_tokens is None else max_new_tokens
         )
         prompts = self._check_prompts(prompt_ids, steps)
-        self._check_run(group_size, sampling)
+        self._check_run(group_size, spec)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         plan = _Plan(
             prompts=prompts,
             group_size=group_size,
-            sampling=sampling,
+            spec=spec,
             steps=steps,
             generator=generator,
             share_prefill=share_prefill,
@@ -684,7 +423,7 @@ class RolloutEngine:
 
     # ---- the run ----------------------------------------------------------------------
 
-    def _run(self, plan: _Plan) -> Rollout:
+    def _run(self, plan: _Plan) -> Trajectories:
         width = max(len(p) for p in plan.prompts)
         cache = PreallocatedCache(
             self.model.config,
@@ -708,12 +447,7 @@ class RolloutEngine:
         """One forward over the left-padded prompts into `cache`; last logits `[N,V]`."""
         group = plan.group_size
         rows = plan.prompts if plan.share_prefill else plan.row_prompts()
-        width = max(len(p) for p in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.int64)
-        mask = torch.zeros(len(rows), width, dtype=torch.int64)
-        for i, prompt in enumerate(rows):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
+        ids, mask = left_pad(rows, self.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         out = self.model(
@@ -741,7 +475,7 @@ class RolloutEngine:
         return _Active(
             rows=torch.arange(plan.rows, device=dev),
             position=lengths.to(dev),
-            phase=torch.full((plan.rows,), PHASE_MIXTURE, dtype=torch.int8, device=dev),
+            phase=torch.full((plan.rows,), Phase.MIXTURE, dtype=torch.int8, device=dev),
             marker=matcher.start(plan.rows) if matcher is not None else None,
             alive=torch.ones(plan.rows, dtype=torch.bool, device=dev),
             padding=padding,
@@ -779,21 +513,19 @@ class RolloutEngine:
 
     def _choose(self, logits, plan: _Plan, active: _Active, known: _Known) -> _Step:
         """The step's actions for every active row, by phase (see the module docstring)."""
-        sampling = plan.sampling
+        spec = plan.spec
         run = dict(generator=plan.generator, backend=self.backend, validate=False)
-        if sampling.discrete or self.think_end is None:
-            return _Step.of(mixture_step(logits, self.embedding, **sampling.step_kwargs(), **run))
+        if spec.is_discrete or self.think_end is None:
+            return _Step.of(mixture_step(logits, self.embedding, spec, **run))
         discrete = mixture = None
         if known.need_discrete:
-            raw = mixture_step(logits, self.embedding, **sampling.discrete_step_kwargs(), **run)
-            discrete = _Step.discrete(raw, sampling.k)
+            raw = mixture_step(logits, self.embedding, spec.answer_spec(), **run)
+            discrete = _Step.discrete(raw, spec.k)
         if known.thinking:
-            mixture = _Step.of(
-                mixture_step(logits, self.embedding, **sampling.step_kwargs(), **run)
-            )
+            mixture = _Step.of(mixture_step(logits, self.embedding, spec, **run))
         if discrete is None or mixture is None:
             return discrete if mixture is None else mixture
-        return _Step.blend(mixture, discrete, active.phase == PHASE_DISCRETE)
+        return _Step.blend(mixture, discrete, active.phase == Phase.DISCRETE)
 
     def _update_rows(self, active: _Active, token: torch.Tensor) -> None:
         """After recording a token: EOS stops the row; a completed marker ends thinking."""
@@ -801,12 +533,12 @@ class RolloutEngine:
             active.alive &= ~torch.isin(token, self._eos)
         matcher = self.matcher
         if matcher is not None:
-            thinking = active.phase == PHASE_MIXTURE
+            thinking = active.phase == Phase.MIXTURE
             active.marker = torch.where(
                 thinking, matcher.advance(active.marker, token), active.marker
             )
             switch = thinking & matcher.matched(active.marker)
-            active.phase = torch.where(switch, PHASE_DISCRETE, active.phase).to(torch.int8)
+            active.phase = torch.where(switch, Phase.DISCRETE, active.phase).to(torch.int8)
 
     def _sync(self, active: _Active, known: _Known) -> tuple[bool, torch.Tensor | None]:
         """Host check of the live rows (the only sync of the loop): `(done, keep)`, where
@@ -815,8 +547,8 @@ class RolloutEngine:
         n_alive, n_thinking, n_discrete = torch.stack(
             [
                 alive.sum(),
-                (alive & (active.phase == PHASE_MIXTURE)).sum(),
-                (alive & (active.phase == PHASE_DISCRETE)).sum(),
+                (alive & (active.phase == Phase.MIXTURE)).sum(),
+                (alive & (active.phase == Phase.DISCRETE)).sum(),
             ]
         ).tolist()
         known.thinking, known.discrete, known.exact = n_thinking > 0, n_discrete > 0, True
@@ -853,7 +585,7 @@ class RolloutEngine:
 
     # ---- result -----------------------------------------------------------------------
 
-    def _finish(self, plan: _Plan, record: _Record, stats: dict) -> Rollout:
+    def _finish(self, plan: _Plan, record: _Record, stats: dict) -> Trajectories:
         alive = record.alive.T  # [N,T] completion mask
         lengths = alive.sum(1)
         longest = max(int(lengths.max()), 1)
@@ -876,17 +608,14 @@ class RolloutEngine:
                 self.tokenizer.decode(row[: length - int(stopped)], skip_special_tokens=False)
             )
         n_rows = len(tokens)
-        return Rollout(
+        return Trajectories(
             prompt_ids=plan.row_prompts(),
             ids=ids,
             weights=rows_first(record.weights),
             mask=rows_first(record.mask),
             logprobs=rows_first(record.logprobs),
-            token=token,
             token_slot=token_slot(ids, token),
             phase=rows_first(record.phase),
-            completion_mask=alive,
-            lengths=lengths,
             texts=texts,
             stop_reasons=reasons,
             group=torch.arange(n_rows, device=self.device) // plan.group_size,

@@ -18,7 +18,6 @@ as JSON to ``eval_output`` (default ``<run_dir>/eval.json``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -33,14 +32,7 @@ from .cli import parse_config, run_cli
 from .config import Config
 from .prompting import THINK_END, build_prompts
 from .rewards import score_items
-
-METRICS = ("accuracy", "pass", "score", "reward", "length", "closed_think", "format", "truncated")
-
-
-def batch_seed(seed: int, batch: int) -> int:
-    """A 63-bit decoding seed depending only on (seed, batch index): reproducible runs."""
-    digest = hashlib.sha256(f"{seed}/eval/{batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from .seeding import derived_seed
 
 
 def _records(items: list, rollout, results: list, samples: int, keep_text: bool) -> list[dict]:
@@ -134,10 +126,10 @@ def evaluate(
         chunk = items[first : first + batch_size]
         rollout = engine.generate(
             [p.ids for p in prompts[first : first + batch_size]],
+            config.spec,
             group_size=samples,
-            seed=batch_seed(config.seed, batch),
+            seed=derived_seed(config.seed, "eval", batch),
             max_new_tokens=config.max_new_tokens,
-            **config.decoding_options(),
         )
         expanded = [item for item in chunk for _ in range(samples)]
         results = score_items(rollout.texts, expanded, weights=config.reward_weights())

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .grpo import masked_mean
-from .policy import PHASE_MIXTURE, Trajectories
+from .kernels import renormalised_logprobs
+from .types import Phase, Trajectories
 
 # Curves drawn at the end of a run, in this order, when present in the metrics.
 PLOTTED = (
@@ -51,23 +52,22 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-def token_statistics(traj: Trajectories, entropy: torch.Tensor | None = None) -> dict[str, float]:
+def token_statistics(traj: Trajectories) -> dict[str, float]:
     """The paper's token-level statistics over thinking (mixture) positions.
 
     `mixture_diversity` 1 − Σ w², `topk_entropy` the entropy of the renormalised
-    probabilities over the valid slots, `entropy` the full-distribution entropy (from the
-    rollout, `[N,T]`, when given).
+    probabilities over the valid slots, `entropy` the full-distribution entropy (when the
+    trajectories carry the rollout's `entropy [N,T]`).
     """
-    thinking = (traj.phase == PHASE_MIXTURE).float()
+    thinking = (traj.phase == Phase.MIXTURE).float()
     weights = traj.weights.float()
     stats = {"mixture_diversity": masked_mean(1.0 - (weights**2).sum(-1), thinking)}
-    lp = traj.logprobs.float().masked_fill(~traj.mask, float("-inf"))
-    log_pt = lp - lp.logsumexp(-1, keepdim=True)
+    log_pt = renormalised_logprobs(traj.logprobs.float(), traj.mask)
     pt = log_pt.exp()
     topk_entropy = -torch.where(pt > 0, pt * log_pt, torch.zeros_like(pt)).sum(-1)
     stats["topk_entropy"] = masked_mean(topk_entropy, thinking)
-    if entropy is not None:
-        stats["entropy"] = masked_mean(entropy.float(), thinking)
+    if traj.entropy is not None:
+        stats["entropy"] = masked_mean(traj.entropy.float(), thinking)
     return {name: float(value) for name, value in stats.items()}
 
 

@@ -220,11 +220,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     return aliases[dtype]
 
 
+def _flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def default_attn_implementation(device: str | torch.device) -> str:
     """``"flash_attention_2"`` on CUDA when ``flash_attn`` imports, else ``"sdpa"``."""
-    from .engine import default_attn_implementation as engine_default
+    on_cuda = torch.device(device).type == "cuda"
+    return "flash_attention_2" if on_cuda and _flash_attn_available() else "sdpa"
 
-    return engine_default(device)
+
+def model_load_kwargs(device: str | torch.device) -> dict:
+    """Keyword arguments of ``from_pretrained``/``from_config`` for ``device``: the default
+    attention implementation and dtype (bf16 on CUDA, float32 elsewhere)."""
+    return {
+        "attn_implementation": default_attn_implementation(device),
+        "dtype": default_dtype(device),
+    }
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -269,10 +285,9 @@ def load_model(
     device = resolve_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {str(device)!r} requested but CUDA is not available")
-    kwargs = {
-        "dtype": resolve_dtype(dtype, device),
-        "attn_implementation": attn_implementation or default_attn_implementation(device),
-    }
+    kwargs = model_load_kwargs(device)
+    kwargs["dtype"] = resolve_dtype(dtype, device)
+    kwargs["attn_implementation"] = attn_implementation or kwargs["attn_implementation"]
     target = resolve_model_path(name_or_path)
     model = _from_pretrained(AutoModelForCausalLM, target, name_or_path, **kwargs)
     return model.to(device).eval()

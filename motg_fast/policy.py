@@ -19,82 +19,11 @@ the longest completion T, so every action t sits at sequence position `P − 1 +
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .kernels import action_logprob, mixture_embed, mixture_logprobs
-
-PHASE_PAD = 0
-PHASE_MIXTURE = 1
-PHASE_DISCRETE = 2
-
-
-@dataclass
-class Trajectories:
-    """A batch of N trajectories, T completion positions, k slots (CPU or device tensors)."""
-
-    prompt_ids: list[list[int]]  # N prompts of any length ≥ 1
-    ids: torch.Tensor  # [N,T,k] int64
-    weights: torch.Tensor  # [N,T,k] float32
-    mask: torch.Tensor  # [N,T,k] bool
-    token_slot: torch.Tensor  # [N,T] int64
-    phase: torch.Tensor  # [N,T] int8: PHASE_MIXTURE, PHASE_DISCRETE, PHASE_PAD past the end
-    logprobs: torch.Tensor  # [N,T,k] float32 rollout log-probs at ids (temperature τ)
-
-    @property
-    def completion_mask(self) -> torch.Tensor:
-        """`[N,T]` bool: real completion positions."""
-        return self.phase != PHASE_PAD
-
-    def select(self, rows: torch.Tensor | list[int]) -> Trajectories:
-        """The sub-batch of the given trajectory indices (trailing padding trimmed)."""
-        index = torch.as_tensor(rows, dtype=torch.long)
-        phase = self.phase[index]
-        length = int((phase != PHASE_PAD).sum(-1).max().item()) if len(index) else 0
-        length = max(length, 1)
-
-        def cut(t: torch.Tensor) -> torch.Tensor:
-            return t[index.to(t.device), :length]
-
-        return Trajectories(
-            prompt_ids=[self.prompt_ids[i] for i in index.tolist()],
-            ids=cut(self.ids),
-            weights=cut(self.weights),
-            mask=cut(self.mask),
-            token_slot=cut(self.token_slot),
-            phase=cut(self.phase),
-            logprobs=cut(self.logprobs),
-        )
-
-
-def pad_time(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """Right-pad dimension 1 (time) of `tensor [N,T,...]` with zeros to `length`."""
-    extra = length - tensor.shape[1]
-    if extra <= 0:
-        return tensor
-    pad = torch.zeros(
-        (tensor.shape[0], extra, *tensor.shape[2:]), dtype=tensor.dtype, device=tensor.device
-    )
-    return torch.cat([tensor, pad], dim=1)
-
-
-def concat_trajectories(parts: list[Trajectories]) -> Trajectories:
-    """Stack batches along N, right-padding their time dimension to the longest."""
-    length = max(p.ids.shape[1] for p in parts)
-
-    def cat(name: str) -> torch.Tensor:
-        return torch.cat([pad_time(getattr(p, name), length) for p in parts])
-
-    return Trajectories(
-        prompt_ids=[ids for p in parts for ids in p.prompt_ids],
-        ids=cat("ids"),
-        weights=cat("weights"),
-        mask=cat("mask"),
-        token_slot=cat("token_slot"),
-        phase=cat("phase"),
-        logprobs=cat("logprobs"),
-    )
+from .kernels import MixtureSpec, action_logprob, mixture_embed, mixture_logprobs
+from .types import Phase, Trajectories, left_pad
 
 
 @dataclass
@@ -108,18 +37,18 @@ class SequenceBatch:
     prompt_length: int  # P: action t is scored by the hidden state at P − 1 + t
 
 
-def build_sequence_batch(traj: Trajectories, pad_id: int = 0) -> SequenceBatch:
-    """Lay out prompts (left padded) and fed-back actions (right padded) as model inputs."""
+def build_sequence_batch(traj: Trajectories) -> SequenceBatch:
+    """Lay out prompts (left padded) and fed-back actions (right padded) as model inputs.
+
+    Padding positions are masked out of attention and never scored, so their token (0)
+    cannot change any output.
+    """
     n, t, k = traj.ids.shape
     device = traj.ids.device
-    prompt_len = max(len(p) for p in traj.prompt_ids)
     if min(len(p) for p in traj.prompt_ids) < 1:
         raise ValueError("every trajectory needs a prompt of at least one token")
-    prompt_ids = torch.full((n, prompt_len), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros(n, prompt_len, dtype=torch.long)
-    for row, prompt in enumerate(traj.prompt_ids):
-        prompt_ids[row, prompt_len - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        prompt_mask[row, prompt_len - len(prompt) :] = 1
+    prompt_ids, prompt_mask = left_pad(traj.prompt_ids, pad_id=0)
+    prompt_len = prompt_ids.shape[1]
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     prompt_slots = torch.zeros(n, prompt_len, k, dtype=torch.long, device=device)
     prompt_slots[..., 0] = prompt_ids
@@ -169,26 +98,19 @@ class PolicyScores:
 
 
 def action_loglik(
-    logprobs: torch.Tensor,
-    traj: Trajectories,
-    *,
-    likelihood: str,
-    selection: str,
-    weighting: str,
-    concentration: float = 1.0,
-    gumbel_temperature: float = 1.0,
-    representative: str = "sample",
+    logprobs: torch.Tensor, traj: Trajectories, spec: MixtureSpec, *, likelihood: str
 ) -> torch.Tensor:
     """`[N,T]` likelihood of each action from log-probs `[N,T,k]` at its ids.
 
-    Thinking (mixture) positions use `likelihood`; discrete positions and padding use the
-    log-prob of the representative token (a discrete sample's exact likelihood).
+    Thinking (mixture) positions use `likelihood` under `spec`; discrete positions and
+    padding use the log-prob of the representative token (a discrete sample's exact
+    likelihood).
     """
     token_lp = logprobs.gather(-1, traj.token_slot.unsqueeze(-1)).squeeze(-1)
     if likelihood == "token":
         return token_lp
     # Outside the thinking phase only slot 0 was drawn: hide the filler slots.
-    is_mixture = (traj.phase == PHASE_MIXTURE).unsqueeze(-1)
+    is_mixture = (traj.phase == Phase.MIXTURE).unsqueeze(-1)
     first_slot = torch.zeros_like(traj.mask)
     first_slot[..., 0] = True
     safe_lp = torch.where(is_mixture | first_slot, logprobs, float("-inf"))
@@ -196,31 +118,22 @@ def action_loglik(
         safe_lp,
         traj.weights.to(logprobs.dtype),
         traj.mask & (is_mixture | first_slot),
-        torch.where(traj.phase == PHASE_MIXTURE, traj.token_slot, 0),
+        torch.where(traj.phase == Phase.MIXTURE, traj.token_slot, 0),
+        spec,
         likelihood=likelihood,
-        selection=selection,
-        weighting=weighting,
-        concentration=concentration,
-        gumbel_temperature=gumbel_temperature,
-        representative=representative,
     )
-    return torch.where(traj.phase == PHASE_MIXTURE, mixture_lp, token_lp)
+    return torch.where(traj.phase == Phase.MIXTURE, mixture_lp, token_lp)
 
 
 def score_trajectories(
-    model: torch.nn.Module,
-    traj: Trajectories,
-    *,
-    temperature: float,
-    pad_id: int = 0,
-    **action: Any,
+    model: torch.nn.Module, traj: Trajectories, spec: MixtureSpec, *, likelihood: str
 ) -> PolicyScores:
     """Run the policy over stored trajectories; differentiable in the model's parameters.
 
-    `action` holds the keyword arguments of `action_loglik` (`likelihood`, `selection`,
-    `weighting`, and optionally `concentration`, `gumbel_temperature`, `representative`).
+    `spec` is the one that produced the trajectories (its temperature scores them);
+    `likelihood` one of `spec.likelihoods`.
     """
-    batch = build_sequence_batch(traj, pad_id)
+    batch = build_sequence_batch(traj)
     decoder, head_weight = _decoder_and_head(model)
     embedding = model.get_input_embeddings().weight
     inputs = mixture_embed(embedding, batch.input_ids, batch.input_weights)
@@ -233,9 +146,9 @@ def score_trajectories(
     t = traj.ids.shape[1]
     start = batch.prompt_length - 1
     logprobs, _ = mixture_logprobs(
-        hidden[:, start : start + t], head_weight, traj.ids, temperature=temperature
+        hidden[:, start : start + t], head_weight, traj.ids, temperature=spec.temperature
     )
-    ell = action_loglik(logprobs, traj, **action)
+    ell = action_loglik(logprobs, traj, spec, likelihood=likelihood)
     fed = inputs[:, start + 1 : start + t].detach().float().norm(dim=-1)
     embed_norm = torch.nn.functional.pad(fed, (0, 1))
     return PolicyScores(logprobs=logprobs, action_logprob=ell, embed_norm=embed_norm)

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,30 +31,16 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import LoadedCheckpoint, latest_checkpoint, save_checkpoint, set_rng_state
-from .engine import PHASE_DISCRETE, RolloutEngine
+from .engine import RolloutEngine
 from .grpo import group_advantages, grpo_loss, masked_mean
 from .metrics import MetricsLog, plot_metrics, token_statistics
-from .policy import (
-    PHASE_MIXTURE,
-    Trajectories,
-    action_loglik,
-    concat_trajectories,
-    pad_time,
-    score_trajectories,
-)
+from .policy import action_loglik, score_trajectories
 from .prompting import THINK_END, build_prompts
 from .rewards import RewardWeights, score_items
+from .seeding import derived_seed
+from .types import Phase, Trajectories
 
 RewardFn = Callable[[list[str], list], tuple[list[float], list[float]]]
-# Config fields that say how an action was produced (the likelihood needs them).
-ACTION_KEYS = (
-    "likelihood",
-    "selection",
-    "weighting",
-    "concentration",
-    "gumbel_temperature",
-    "representative",
-)
 
 
 class PolicyScorer(torch.nn.Module):
@@ -67,15 +50,9 @@ class PolicyScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, traj: Trajectories, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = score_trajectories(self.model, traj, **options)
+    def forward(self, traj: Trajectories, spec, likelihood: str) -> tuple[torch.Tensor, ...]:
+        scores = score_trajectories(self.model, traj, spec, likelihood=likelihood)
         return scores.action_logprob, scores.embed_norm
-
-
-def step_seed(seed: int, step: int, rank: int, purpose: str) -> int:
-    """A 63-bit seed that depends only on (seed, step, rank, purpose): resumable draws."""
-    digest = hashlib.sha256(f"{seed}/{step}/{rank}/{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
@@ -83,16 +60,14 @@ def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
     return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-@dataclass
-class RolloutBatch:
-    """What one step generated: items (×G), trajectories, rewards and their statistics."""
-
-    items: list
-    traj: Trajectories
-    rewards: torch.Tensor  # [N]
-    correct: torch.Tensor  # [N]
-    entropy: torch.Tensor  # [N,T] full-distribution entropy at each rollout step
-    texts: list[str]
+def format_record(record: dict, steps: int) -> str:
+    """One line of a step's headline metrics (printed when the progress bar is off)."""
+    return (
+        f"step {record['step']}/{steps}: reward {record['reward']:.3f}, "
+        f"accuracy {record['correct']:.3f}, loss {record['loss']:.4f}, "
+        f"length {record['completion_length']:.1f}, "
+        f"{record['generated_tokens_per_s']:.0f} tokens/s"
+    )
 
 
 def reasoning_gym_reward(task_set, weights: RewardWeights) -> RewardFn:
@@ -120,17 +95,25 @@ def safe_rewards(reward_fn: RewardFn, completions: list[str], items: list):
         return [0.0] * len(completions), [0.0] * len(completions), 1
 
 
-def rollout_to_trajectories(rollout) -> Trajectories:
-    """The engine's `Rollout` as `Trajectories` (same tensors, no copy)."""
-    return Trajectories(
-        prompt_ids=rollout.prompt_ids,
-        ids=rollout.ids,
-        weights=rollout.weights,
-        mask=rollout.mask,
-        token_slot=rollout.token_slot,
-        phase=rollout.phase,
-        logprobs=rollout.logprobs,
-    )
+def make_accelerator(device: str) -> Accelerator:
+    """The run's `Accelerator`: `auto` (CUDA with bf16 autocast when present), `cpu` or `cuda`.
+
+    One process per GPU is accelerate's to place (`accelerate launch`); a GPU index is
+    chosen with `CUDA_VISIBLE_DEVICES`, not `--device cuda:N`.
+    """
+    from .models import resolve_device
+
+    if device not in ("auto", "cpu", "cuda"):
+        resolve_device(device)  # an unknown name: its own one-line error
+        raise ValueError(
+            f"--device {device} is not supported for training: each process uses the GPU "
+            "accelerate gives it; pick GPUs with CUDA_VISIBLE_DEVICES (e.g. "
+            "CUDA_VISIBLE_DEVICES=1) and --device cuda or auto"
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    return Accelerator(cpu=not use_cuda, mixed_precision="bf16" if use_cuda else "no")
 
 
 class Trainer:
@@ -160,10 +143,7 @@ class Trainer:
         self.resumed: LoadedCheckpoint | None = (
             latest_checkpoint(self.run_dir) if config.resume else None
         )
-        use_cuda = torch.cuda.is_available() and config.device != "cpu"
-        self.accelerator = accelerator or Accelerator(
-            cpu=not use_cuda, mixed_precision="bf16" if use_cuda else "no"
-        )
+        self.accelerator = accelerator or make_accelerator(config.device)
         self.rank = self.accelerator.process_index
         self.model, self.tokenizer = self._load_policy(model, tokenizer)
         self.ref_model = self._reference_model() if config.beta > 0 else None
@@ -255,13 +235,6 @@ class Trainer:
         set_rng_state(ckpt.state["rng"])
         self.start_step = ckpt.step
 
-    # ----------------------------------------------------------------- options
-    def _likelihood_options(self) -> dict:
-        """Keyword arguments of `score_trajectories` for this run."""
-        c = self.config
-        options = {key: getattr(c, key) for key in ACTION_KEYS}
-        return dict(options, temperature=c.temperature, pad_id=self.tokenizer.pad_token_id or 0)
-
     # ----------------------------------------------------------------- one step
     @torch.no_grad()
     def _step_items(self, step: int) -> tuple[list, int]:
@@ -272,14 +245,14 @@ class Trainer:
         """
         c = self.config
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        rng = random.Random(step_seed(c.seed, step, 0, "prompts"))
+        rng = random.Random(derived_seed(c.seed, step, 0, "prompts"))
         items = self.task_set.sample_train(c.prompts_per_step * world, rng)
         first = rank * c.prompts_per_step
         return items[first : first + c.prompts_per_step], first
 
     @torch.no_grad()
-    def rollout(self, step: int) -> RolloutBatch:
-        """Generate G trajectories for each of this process's prompts at `step`, score them.
+    def rollout(self, step: int) -> Trajectories:
+        """Generate G trajectories for each of this process's prompts at `step`, reward them.
 
         Prompts go to the engine `rollout_batch_prompts` at a time (0: all at once); each
         call is seeded by its first prompt's global index, so the trajectories of a prompt
@@ -294,33 +267,26 @@ class Trainer:
             max_prompt_tokens=c.max_prompt_tokens,
         )
         chunk = c.rollout_batch_prompts or len(items)
-        parts, texts, entropy = [], [], []
+        parts = []
         self.model.eval()
         with self.accelerator.autocast():
             for start in range(0, len(items), chunk):
-                rollout = self.engine.generate(
-                    [p.ids for p in prompts[start : start + chunk]],
-                    group_size=c.group_size,
-                    seed=step_seed(c.seed, step, first + start, "rollout"),
-                    **c.decoding_options(),
+                parts.append(
+                    self.engine.generate(
+                        [p.ids for p in prompts[start : start + chunk]],
+                        c.spec,
+                        group_size=c.group_size,
+                        seed=derived_seed(c.seed, step, first + start, "rollout"),
+                    )
                 )
-                parts.append(rollout_to_trajectories(rollout))
-                texts += rollout.texts
-                entropy.append(rollout.entropy)
         self.model.train()
-        traj = concat_trajectories(parts)
+        traj = Trajectories.concat(parts)
         expanded = [item for item in items for _ in range(c.group_size)]
-        rewards, correct, failures = safe_rewards(self.reward_fn, texts, expanded)
+        rewards, correct, failures = safe_rewards(self.reward_fn, traj.texts, expanded)
         self.reward_failures += failures
-        device = traj.ids.device
-        return RolloutBatch(
-            items=expanded,
-            traj=traj,
-            rewards=torch.tensor(rewards, device=device),
-            correct=torch.tensor(correct, device=device),
-            entropy=torch.cat([pad_time(e, traj.ids.shape[1]) for e in entropy]),
-            texts=texts,
-        )
+        traj.rewards = torch.tensor(rewards, device=traj.ids.device)
+        traj.correct = torch.tensor(correct, device=traj.ids.device)
+        return traj
 
     def _micro_batches(self, n: int) -> list[list[int]]:
         size = -(-n // self.config.grad_accum)
@@ -341,17 +307,15 @@ class Trainer:
             return world * float(traj_mb.completion_mask.sum()) / tokens_global
         return world * n_mb / n_global
 
-    def optimise(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict[str, float]:
+    def optimise(self, traj: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
         """μ passes over the batch; returns averaged loss metrics and the last grad norm."""
         c = self.config
-        options = self._likelihood_options()
-        traj = batch.traj
         n = traj.ids.shape[0]
         n_global = self._global_sum(n)
         tokens_global = self._global_sum(float(traj.completion_mask.sum()))
         chunks = self._micro_batches(n)
-        old = self._old_logprobs(traj, chunks, options)
-        ref = self._ref_logprobs(traj, chunks, options) if self.ref_model is not None else None
+        old = self._old_logprobs(traj, chunks)
+        ref = self._ref_logprobs(traj, chunks) if self.ref_model is not None else None
         sums: dict[str, torch.Tensor] = {}  # device tensors: one host sync at the end
         grad_norm = 0.0
         for _ in range(c.mu):
@@ -360,7 +324,7 @@ class Trainer:
                 ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.scorer)
                 with ctx, self.accelerator.autocast():
                     mb = traj.select(rows)
-                    ell, embed_norm = self.scorer(mb, options)
+                    ell, embed_norm = self.scorer(mb, c.spec, c.likelihood)
                     t = ell.shape[1]
                     loss, m = grpo_loss(
                         ell.float(),
@@ -375,7 +339,7 @@ class Trainer:
                         max_len=c.max_new_tokens,
                     )
                     self.accelerator.backward(loss * self._loss_scale(mb, n_global, tokens_global))
-                thinking = mb.phase == PHASE_MIXTURE
+                thinking = mb.phase == Phase.MIXTURE
                 m["embed_norm"] = masked_mean(embed_norm, thinking)
                 m["loss"] = loss.detach()
                 for key, value in m.items():
@@ -391,26 +355,27 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def _old_logprobs(self, traj: Trajectories, chunks, options) -> list[torch.Tensor]:
+    def _old_logprobs(self, traj: Trajectories, chunks) -> list[torch.Tensor]:
         """Per micro-batch `[n,T]`: from the rollout (μ = 1) or a no-grad forward (μ > 1)."""
-        if self.config.mu == 1:
-            rollout_options = {key: options[key] for key in ACTION_KEYS}
+        c = self.config
+        if c.mu == 1:
             return [
-                action_loglik(mb.logprobs, mb, **rollout_options).float()
+                action_loglik(mb.logprobs, mb, c.spec, likelihood=c.likelihood).float()
                 for mb in (traj.select(rows) for rows in chunks)
             ]
-        with self.accelerator.autocast():
-            return [
-                score_trajectories(self.model, traj.select(rows), **options).action_logprob.float()
-                for rows in chunks
-            ]
+        return self._policy_logprobs(self.model, traj, chunks)
 
     @torch.no_grad()
-    def _ref_logprobs(self, traj: Trajectories, chunks, options) -> list[torch.Tensor]:
-        with self.accelerator.autocast():
+    def _ref_logprobs(self, traj: Trajectories, chunks) -> list[torch.Tensor]:
+        return self._policy_logprobs(self.ref_model, traj, chunks)
+
+    def _policy_logprobs(self, model, traj: Trajectories, chunks) -> list[torch.Tensor]:
+        """Per micro-batch `[n,T]` action log-likelihoods under `model`, without grad."""
+        c = self.config
+        with torch.no_grad(), self.accelerator.autocast():
             return [
                 score_trajectories(
-                    self.ref_model, traj.select(rows), **options
+                    model, traj.select(rows), c.spec, likelihood=c.likelihood
                 ).action_logprob.float()
                 for rows in chunks
             ]
@@ -419,23 +384,22 @@ class Trainer:
         """One GRPO step (rollout + optimisation); returns its metrics (averaged over ranks)."""
         c = self.config
         start = time.perf_counter()
-        batch = self.rollout(step)
+        traj = self.rollout(step)
         rollout_time = time.perf_counter() - start
-        advantages = group_advantages(batch.rewards, c.group_size, scaling=c.advantage_scaling).to(
-            batch.rewards.device
+        advantages = group_advantages(traj.rewards, c.group_size, scaling=c.advantage_scaling).to(
+            traj.rewards.device
         )
         start = time.perf_counter()
-        record = self.optimise(batch, advantages)
+        record = self.optimise(traj, advantages)
         train_time = time.perf_counter() - start
-        traj = batch.traj
-        lengths = traj.completion_mask.sum(-1).float()
-        record.update(token_statistics(traj, batch.entropy))
+        lengths = traj.lengths.float()
+        record.update(token_statistics(traj))
         record.update(
-            reward=float(batch.rewards.mean()),
-            correct=float(batch.correct.mean()),
+            reward=float(traj.rewards.mean()),
+            correct=float(traj.correct.mean()),
             completion_length=float(lengths.mean()),
-            thinking_length=float((traj.phase == PHASE_MIXTURE).sum(-1).float().mean()),
-            closed_thinking=float((traj.phase == PHASE_DISCRETE).any(-1).float().mean()),
+            thinking_length=float((traj.phase == Phase.MIXTURE).sum(-1).float().mean()),
+            closed_thinking=float((traj.phase == Phase.DISCRETE).any(-1).float().mean()),
             rollout_time=rollout_time,
             train_time=train_time,
             generated_tokens_per_s=float(lengths.sum()) / max(rollout_time, 1e-9),
@@ -509,8 +473,7 @@ class Trainer:
         """Run from the start (or the resumed) step to `config.steps`; returns the metrics."""
         c = self.config
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+            c.save(self.run_dir)
         bar = tqdm(
             range(self.start_step, c.steps),
             initial=self.start_step,
@@ -525,6 +488,8 @@ class Trainer:
                 record.update(self.evaluate_heldout())
             if self.metrics is not None:
                 self.metrics.append(record)
+                if not c.progress and done % c.log_every == 0:
+                    tqdm.write(format_record(record, c.steps))
             bar.set_postfix(
                 reward=f"{record['reward']:.3f}",
                 acc=f"{record['correct']:.2f}",

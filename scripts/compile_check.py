@@ -12,7 +12,8 @@ prints one row per distinct kernel variant: status, registers, spills, shared me
     python scripts/compile_check.py --ptxas-log        # full ptxas -v output per kernel
 
 Exit status 1 when a kernel fails to compile, spills, or needs more shared memory than
-`--smem-limit` bytes. The SM count used by the launch heuristics is `--sms` (132: H100 SXM).
+`--smem-limit` bytes, or (all ops checked) when a `*_kernel` of the package is never
+launched. The SM count used by the launch heuristics is `--sms` (132: H100 SXM).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import importlib
 import io
 import os
+import pkgutil
 import re
 import sys
 import tempfile
@@ -152,6 +154,18 @@ def _module(name: str):
     return importlib.import_module(f"motg_fast.kernels.{name}")
 
 
+def all_kernels() -> set[str]:
+    """Names of every `@triton.jit` function named `*_kernel` in the kernels package."""
+    package = importlib.import_module("motg_fast.kernels")
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = _module(info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
+                names.add(name)
+    return names
+
+
 def embed_cases(sms: int, ks: tuple[int, ...]):
     mod = _module("mixture_embed")
     for dtype in (torch.bfloat16, torch.float32):
@@ -176,14 +190,15 @@ def embed_cases(sms: int, ks: tuple[int, ...]):
 
 def logprobs_cases(sms: int, ks: tuple[int, ...]):
     mod = _module("mixture_logprobs")
+    cdiv = _module("_launch").cdiv
     original = mod._vocab_splits
 
     def vocab_splits(n_blocks, vocab, block_v, device):  # the CUDA branch, `sms` SMs
         target = 2 * sms
-        v_blocks = mod._cdiv(vocab, block_v)
-        wanted = max(1, min(v_blocks, mod._cdiv(target, n_blocks)))
-        span = mod._cdiv(v_blocks, wanted) * block_v
-        return mod._cdiv(vocab, span), span
+        v_blocks = cdiv(vocab, block_v)
+        wanted = max(1, min(v_blocks, cdiv(target, n_blocks)))
+        span = cdiv(v_blocks, wanted) * block_v
+        return cdiv(vocab, span), span
 
     mod._vocab_splits = vocab_splits
     try:
@@ -212,9 +227,11 @@ def logprobs_cases(sms: int, ks: tuple[int, ...]):
 
 def step_cases(sms: int, ks: tuple[int, ...]):
     mod = _module("mixture_step")
+    philox = _module("_philox")
+    spec_type = _module("spec").MixtureSpec
     make_plan = mod._make_plan
     # the plan of a CUDA device (float32 reciprocal of τ), whatever device the tensors are on
-    mod._make_plan = lambda device, k, **kw: make_plan(torch.device("cuda"), k, **kw)
+    mod._make_plan = lambda device, spec, noise: make_plan(torch.device("cuda"), spec, noise)
     modes = (
         dict(selection="topk", weighting="prob", representative="argmax"),
         dict(selection="sample", weighting="gumbel", representative="sample", top_p=0.9),
@@ -225,17 +242,22 @@ def step_cases(sms: int, ks: tuple[int, ...]):
             emb = torch.empty(V, H, dtype=dtype, device=META)
             for mode in modes:
                 for batch, k in [(64, k) for k in ks] + [(512, k) for k in ks]:
+                    settings = dict(mode)
+                    if k == 1:  # top_p / min_p filter mixture slots: a spec rejects them at k=1
+                        settings.pop("top_p", None)
+                        settings.pop("min_p", None)
+                    spec = spec_type(k=k, **settings)
                     splits = mod.split_count(batch, V, sms)
-                    name = f"step {_short(dtype)} {mode['selection']}/{mode['weighting']} "
+                    name = f"step {_short(dtype)} {spec.selection}/{spec.weighting} "
                     name += f"B={batch} k={k}"
 
-                    def launch(batch=batch, k=k, emb=emb, mode=mode, splits=splits):
+                    def launch(batch=batch, emb=emb, spec=spec, splits=splits):
                         logits = torch.empty(batch, V, dtype=torch.float32, device=META)
-                        mod.mixture_step_triton(logits, emb, k=k, vocab_splits=splits, **mode)
+                        mod.mixture_step_triton(logits, emb, spec, vocab_splits=splits)
 
                     yield name, launch
         seed = torch.zeros(1, dtype=torch.int64, device=META)
-        yield "step noise", lambda: mod.philox_step_noise(seed, 4, V, 2)
+        yield "step noise", lambda: philox.philox_step_noise(seed, 4, V, 2)
     finally:
         mod._make_plan = make_plan
 
@@ -326,6 +348,11 @@ def main(argv=None) -> int:
     for row in recorder.rows:
         if row["status"] != "ok":
             print(f"\n--- {row['kernel']} [{row['case']}]\n{row['trace']}")
+    if set(args.ops.split(",")) == set(OPS):  # every kernel must have been compiled
+        missing = sorted(all_kernels() - {row["kernel"] for row in recorder.rows})
+        for name in missing:
+            print(f"[not covered] {name}: no launch case compiles it")
+        failures += len(missing)
     print(f"{len(recorder.rows)} kernel variants, {failures} problem(s)")
     return 1 if failures else 0
 

@@ -11,16 +11,10 @@ import torch
 from transformers import DynamicCache
 
 from motg_fast.cache import PreallocatedCache
-from motg_fast.engine import (
-    PHASE_DISCRETE,
-    PHASE_MIXTURE,
-    PHASE_NONE,
-    MarkerMatcher,
-    Rollout,
-    RolloutEngine,
-    build_marker_table,
-)
-from motg_fast.kernels import mixture_embed
+from motg_fast.engine import RolloutEngine
+from motg_fast.kernels import MixtureSpec, mixture_embed
+from motg_fast.marker import MarkerMatcher, build_marker_table
+from motg_fast.types import Phase, Trajectories
 from tiny_models import THINK_END, SteeredLM, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 PROMPT_TEXTS = ["the answer <think>", "a <think>", "is the answer is on <think>"]
@@ -90,7 +84,7 @@ def hf_greedy(model, prompts, group_size, max_new_tokens, eos, pad):
     return out[:, width:]
 
 
-def check_valid(rollout: Rollout, k: int, eos_ids=()):
+def check_valid(rollout: Trajectories, k: int, eos_ids=()):
     """Invariants every rollout meets (shapes, mask rules, weights, phases, stop reasons)."""
     n, t = rollout.token.shape
     assert rollout.ids.shape == rollout.weights.shape == rollout.mask.shape == (n, t, k)
@@ -108,10 +102,10 @@ def check_valid(rollout: Rollout, k: int, eos_ids=()):
     assert torch.isfinite(rollout.logprobs[done][m]).all()
     assert (rollout.logprobs[done][m] <= 0).all()
     phase = rollout.phase
-    assert ((phase == PHASE_NONE) == ~done).all()
+    assert ((phase == Phase.PAD) == ~done).all()
     # phases never go back from discrete to thinking
     assert (phase[:, 1:][done[:, 1:]] >= phase[:, :-1][done[:, 1:]]).all()
-    discrete = phase == PHASE_DISCRETE
+    discrete = phase == Phase.DISCRETE
     if k > 1 and discrete.any():
         first = torch.zeros(k, dtype=torch.bool)
         first[0] = True
@@ -158,7 +152,7 @@ def test_greedy_matches_generate(build, tokenizer, prompts, request):
     expected = hf_greedy(model, prompts, group, steps, eos, pad)
 
     engine = RolloutEngine(model, tokenizer, max_new_tokens=steps, eos_token_ids=[eos])
-    rollout = engine.generate(prompts, group_size=group, k=1, selection="topk")
+    rollout = engine.generate(prompts, MixtureSpec(k=1, selection="topk"), group_size=group)
     check_valid(rollout, 1, eos_ids=[eos])
     assert "eos" in rollout.stop_reasons
     for row in range(len(rollout.token)):
@@ -174,11 +168,14 @@ def test_logits_match_full_forward(qwen2, tokenizer, prompts):
     model = steered(qwen2, tokenizer, prompts, marker_at=2, eos_at=9)
     engine = RolloutEngine(model, tokenizer, max_new_tokens=12)
     rollout = engine.generate(
-        prompts, group_size=2, k=3, selection="sample", weighting="dirichlet",
-        temperature=0.8, seed=0, return_logits=True,
-    )  # fmt: skip
+        prompts,
+        MixtureSpec(k=3, selection="sample", weighting="dirichlet", temperature=0.8),
+        group_size=2,
+        seed=0,
+        return_logits=True,
+    )
     check_valid(rollout, 3, eos_ids=[tokenizer.eos_token_id])
-    assert (rollout.phase == PHASE_DISCRETE).any()
+    assert (rollout.phase == Phase.DISCRETE).any()
     embedding = qwen2.get_input_embeddings().weight
     for row, prompt in enumerate(rollout.prompt_ids):
         length = int(rollout.lengths[row])
@@ -202,9 +199,9 @@ def test_logits_match_full_forward(qwen2, tokenizer, prompts):
 
 def test_shared_prefill_matches_per_row_prefill(qwen2, tokenizer, prompts):
     engine = RolloutEngine(qwen2, tokenizer, max_new_tokens=10)
-    kwargs = dict(group_size=3, k=2, selection="sample", weighting="gumbel", seed=3)
-    shared = engine.generate(prompts, **kwargs)
-    per_row = engine.generate(prompts, share_prefill=False, **kwargs)
+    spec = MixtureSpec(k=2, selection="sample", weighting="gumbel")
+    shared = engine.generate(prompts, spec, group_size=3, seed=3)
+    per_row = engine.generate(prompts, spec, group_size=3, seed=3, share_prefill=False)
     assert shared.stats["prefill_rows"] == len(prompts)
     assert per_row.stats["prefill_rows"] == 3 * len(prompts)
     assert torch.equal(shared.ids, per_row.ids)
@@ -223,7 +220,9 @@ def test_phase_switch_after_multi_token_marker(qwen2, tokenizer, prompts):
     widths = [max(len(p) for p in prompts) - len(p) for p in prompts]  # extra offset per prompt
     steps = 10 + max(widths)  # the shortest prompt's rows reach the limit before their EOS
     engine = RolloutEngine(model, tokenizer, max_new_tokens=steps)
-    rollout = engine.generate(prompts, group_size=2, k=2, weighting="dirichlet", seed=1)
+    rollout = engine.generate(
+        prompts, MixtureSpec(k=2, weighting="dirichlet"), group_size=2, seed=1
+    )
     check_valid(rollout, 2, eos_ids=[tokenizer.eos_token_id])
     marker = tokenizer.encode(THINK_END)
     for row in range(len(rollout.token)):
@@ -232,9 +231,9 @@ def test_phase_switch_after_multi_token_marker(qwen2, tokenizer, prompts):
         tokens = rollout.token[row].tolist()
         assert tokens[end - len(marker) : end] == marker
         assert tokens[1 + offset] == marker[0]  # the decoy "</" did not switch
-        assert (rollout.phase[row, :end] == PHASE_MIXTURE).all()
+        assert (rollout.phase[row, :end] == Phase.MIXTURE).all()
         length = int(rollout.lengths[row])
-        assert (rollout.phase[row, end:length] == PHASE_DISCRETE).all()
+        assert (rollout.phase[row, end:length] == Phase.DISCRETE).all()
         assert THINK_END in rollout.texts[row]
         if 10 + offset < steps:
             assert rollout.stop_reasons[row] == "eos" and length == 11 + offset
@@ -252,26 +251,26 @@ def test_marker_detected_in_any_tokenization(qwen2, tokenizer, prompts):
     width = max(len(p) for p in prompts)
     model = SteeredLM(qwen2, {width + 2 + i: token for i, token in enumerate(pieces)})
     engine = RolloutEngine(model, tokenizer, max_new_tokens=9, eos_token_ids=[])
-    rollout = engine.generate(prompts[-1:], k=2)
+    rollout = engine.generate(prompts[-1:], MixtureSpec(k=2))
     assert rollout.token[0, 2:6].tolist() == pieces
-    assert (rollout.phase[0, :6] == PHASE_MIXTURE).all()
-    assert (rollout.phase[0, 6:] == PHASE_DISCRETE).all()
+    assert (rollout.phase[0, :6] == Phase.MIXTURE).all()
+    assert (rollout.phase[0, 6:] == Phase.DISCRETE).all()
 
 
 def test_discrete_run_stays_greedy_after_marker(qwen2, tokenizer, prompts):
     model = steered(qwen2, tokenizer, prompts, marker_at=1, eos_at=None)
     engine = RolloutEngine(model, tokenizer, max_new_tokens=8)
-    rollout = engine.generate(prompts, group_size=2, k=1, return_logits=True)
+    rollout = engine.generate(prompts, MixtureSpec(k=1), group_size=2, return_logits=True)
     check_valid(rollout, 1)
-    assert (rollout.phase == PHASE_DISCRETE).sum() > 0
+    assert (rollout.phase == Phase.DISCRETE).sum() > 0
     assert torch.equal(rollout.token, rollout.logits.argmax(-1))
 
 
 def test_no_marker_keeps_every_row_thinking(qwen2, tokenizer, prompts):
     model = steered(qwen2, tokenizer, prompts, marker_at=1, eos_at=None)
     engine = RolloutEngine(model, tokenizer, max_new_tokens=6, think_end=None, eos_token_ids=[])
-    rollout = engine.generate(prompts, k=2, progress=True)
-    assert (rollout.phase == PHASE_MIXTURE).all()
+    rollout = engine.generate(prompts, MixtureSpec(k=2), progress=True)
+    assert (rollout.phase == Phase.MIXTURE).all()
 
 
 def test_compaction_leaves_trajectories_unchanged(qwen2, tokenizer, prompts):
@@ -303,7 +302,7 @@ def test_sparse_syncs_give_the_same_greedy_rollout(qwen2, tokenizer, prompts):
     got = sparse.generate(prompts, group_size=2)
     for name in ("ids", "token", "phase", "lengths"):
         assert torch.equal(getattr(expected, name), getattr(got, name)), name
-    mixed = sparse.generate(prompts, group_size=2, k=3, weighting="gumbel", seed=2)
+    mixed = sparse.generate(prompts, MixtureSpec(k=3, weighting="gumbel"), group_size=2, seed=2)
     check_valid(mixed, 3, eos_ids=[tokenizer.eos_token_id])
     assert torch.equal(mixed.phase, expected.phase)  # same forced marker and EOS positions
 
@@ -328,23 +327,23 @@ def test_every_mode_gives_valid_reproducible_trajectories(mode, qwen2, tokenizer
     model = steered(qwen2, tokenizer, prompts, marker_at=1, eos_at=6)
     engine = RolloutEngine(model, tokenizer, max_new_tokens=8)
     k = 3
-    first = engine.generate(prompts, group_size=2, k=k, seed=11, **mode)
+    first = engine.generate(prompts, MixtureSpec(k=k, **mode), group_size=2, seed=11)
     check_valid(first, k, eos_ids=[tokenizer.eos_token_id])
-    assert (first.phase == PHASE_MIXTURE).any() and (first.phase == PHASE_DISCRETE).any()
-    thinking = first.phase == PHASE_MIXTURE
+    assert (first.phase == Phase.MIXTURE).any() and (first.phase == Phase.DISCRETE).any()
+    thinking = first.phase == Phase.MIXTURE
     ids = first.ids[thinking]
     assert (ids.sort(-1).values.diff(dim=-1) != 0).all()  # distinct candidates
-    again = engine.generate(prompts, group_size=2, k=k, seed=11, **mode)
+    again = engine.generate(prompts, MixtureSpec(k=k, **mode), group_size=2, seed=11)
     for name in ("ids", "weights", "mask", "token", "logprobs", "phase"):
         assert torch.equal(getattr(first, name), getattr(again, name)), name
-    other = engine.generate(prompts, group_size=2, k=k, seed=12, **mode)
+    other = engine.generate(prompts, MixtureSpec(k=k, **mode), group_size=2, seed=12)
     assert not torch.equal(first.token, other.token)  # the discrete phase samples
 
 
 def test_sampled_discrete_mode(qwen2, tokenizer, prompts):
     engine = RolloutEngine(qwen2, tokenizer, max_new_tokens=6, eos_token_ids=[])
-    a = engine.generate(prompts, group_size=4, k=1, selection="sample", seed=5)
-    b = engine.generate(prompts, group_size=4, k=1, selection="sample", seed=5)
+    a = engine.generate(prompts, MixtureSpec(k=1, selection="sample"), group_size=4, seed=5)
+    b = engine.generate(prompts, MixtureSpec(k=1, selection="sample"), group_size=4, seed=5)
     check_valid(a, 1)
     assert torch.equal(a.token, b.token)
     assert len({tuple(row) for row in a.token.tolist()}) > len(prompts)  # rows differ
@@ -362,9 +361,9 @@ def test_triton_step_path(qwen2, tokenizer, prompts):
     triton = RolloutEngine(model, tokenizer, max_new_tokens=6, backend="triton")
     greedy = triton.generate(prompts[:2], group_size=2)
     assert torch.equal(greedy.token, reference.generate(prompts[:2], group_size=2).token)
-    mixed = triton.generate(prompts[:2], group_size=2, k=2, selection="sample", seed=0)
+    mixed = triton.generate(prompts[:2], MixtureSpec(k=2, selection="sample"), group_size=2, seed=0)
     check_valid(mixed, 2, eos_ids=[tokenizer.eos_token_id])
-    assert (mixed.phase == PHASE_DISCRETE).any()
+    assert (mixed.phase == Phase.DISCRETE).any()
 
 
 @pytest.mark.gpu
@@ -381,14 +380,14 @@ def test_cuda_rollouts(tokenizer, prompts):
     model = model.to(torch.bfloat16)
     engine = RolloutEngine(steered(model, tokenizer, prompts, marker_at=1, eos_at=5), tokenizer)
     mixed = engine.generate(
-        prompts, group_size=3, k=2, weighting="dirichlet", max_new_tokens=10, seed=0
+        prompts, MixtureSpec(k=2, weighting="dirichlet"), group_size=3, max_new_tokens=10, seed=0
     )
-    cpu = Rollout(**{
+    cpu = Trajectories(**{
         name: value.cpu() if isinstance(value, torch.Tensor) else value
         for name, value in vars(mixed).items()
     })  # fmt: skip
     check_valid(cpu, 2, eos_ids=[eos])
-    assert (cpu.phase == PHASE_DISCRETE).any()
+    assert (cpu.phase == Phase.DISCRETE).any()
 
 
 # --------------------------------------------------------------------------------------
@@ -473,8 +472,9 @@ def test_preallocated_cache_matches_dynamic_cache(qwen2):
 def test_bad_input_raises(kwargs, match, qwen2, tokenizer):
     engine = RolloutEngine(qwen2, tokenizer, max_new_tokens=4)
     kwargs = {"prompt_ids": [[5, 6, 7]], **kwargs}
+    spec_fields = {name: kwargs.pop(name) for name in MixtureSpec.field_names() if name in kwargs}
     with pytest.raises(ValueError, match=match):
-        engine.generate(**kwargs)
+        engine.generate(spec=MixtureSpec(**spec_fields), **kwargs)
 
 
 def test_bad_engine_settings(qwen2, tokenizer):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from motg_fast import config as config_module
 from motg_fast.cli import build_parser, parse_config, run_cli
 from motg_fast.config import PRESETS, Config
 from motg_fast.evaluate import evaluate, format_table, main, summarize
+from motg_fast.kernels import MixtureSpec
 from motg_fast.tasks import build_tasks
 from tests.tiny_models import tiny_qwen2, tiny_tokenizer
 
@@ -45,6 +45,57 @@ def test_every_field_has_help_and_a_flag():
     for field in Config.__dataclass_fields__.values():
         assert field.metadata.get("help"), field.name
         assert field.name in flags
+
+
+def test_help_lists_every_option_and_the_spec_fields_come_from_the_spec(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"], prog="python -m motg_fast.train")
+    shown = capsys.readouterr().out
+    for name in Config.__dataclass_fields__:
+        assert f"--{name}" in shown, name
+    for name in ("--preset", "--config", "--no_progress"):
+        assert name in shown
+    spec_fields = MixtureSpec.__dataclass_fields__
+    for name, field in spec_fields.items():
+        assert Config.__dataclass_fields__[name].metadata == field.metadata, name
+
+
+def test_a_run_launches_from_a_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "k: 3\nselection: sample\nweighting: dirichlet\nlr: 1e-5\nbetas: [0.8, 0.95]\n"
+        "top_p: null\nprogress: false\n"
+    )
+    c = parse_config(["--config", str(path), "--preset", "smoke", "--k", "4"])
+    assert (c.k, c.selection, c.weighting, c.lr, c.betas, c.progress) == (
+        4,
+        "sample",
+        "dirichlet",
+        1e-5,
+        (0.8, 0.95),
+        False,
+    )
+    assert c.max_new_tokens == PRESETS["smoke"]["max_new_tokens"]
+    assert c.spec == MixtureSpec(k=4, temperature=0.9, selection="sample", weighting="dirichlet")
+    path.write_text("k: 2\nbogus: 1\n")
+    with pytest.raises(ValueError, match="unknown config field"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+        (["--k", "two"], "argument --k: invalid int value: 'two'"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    ],
+)
+def test_flag_errors_are_one_line(args, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and words in err
 
 
 def test_defaults_and_every_preset_validate_and_round_trip_through_json():
@@ -117,18 +168,6 @@ def test_explicit_flags_override_the_preset_and_the_config_file(tmp_path):
     assert Config.from_dict(json.loads(c.to_json())) == c
 
 
-def test_choices_match_the_kernels_and_the_loss():
-    from motg_fast import grpo
-    from motg_fast.kernels import _validation
-
-    assert config_module.SELECTIONS == _validation.SELECTIONS
-    assert config_module.WEIGHTINGS == _validation.WEIGHTINGS
-    assert config_module.REPRESENTATIVES == _validation.REPRESENTATIVES
-    assert config_module.LIKELIHOODS == _validation.LIKELIHOODS
-    assert config_module.AGGREGATIONS == grpo.AGGREGATIONS
-    assert config_module.ADVANTAGE_SCALINGS == grpo.ADVANTAGE_SCALINGS
-
-
 @pytest.mark.parametrize(
     "changes, words",
     [
@@ -155,11 +194,11 @@ def test_greedy_is_fine_for_evaluation_only():
         greedy.validate()
 
 
-def test_reward_weights_and_decoding_options_come_from_the_config():
+def test_reward_weights_and_the_spec_come_from_the_config():
     c = Config(reward_correctness=1.0, reward_think=0.0, reward_partial_credit=False, k=3)
     w = c.reward_weights()
     assert (w.correctness, w.think, w.format, w.partial_credit) == (1.0, 0.0, 0.5, False)
-    assert c.decoding_options()["k"] == 3 and "group_size" not in c.decoding_options()
+    assert c.spec == MixtureSpec(k=3, temperature=0.9)
     assert c.eval_output_path() == Path("runs/motg/eval.json")
 
 

@@ -8,13 +8,14 @@ import torch
 from motg_fast.kernels import (
     SELECTIONS,
     WEIGHTINGS,
+    MixtureSpec,
     action_logprob,
     concrete_log_density,
     dirichlet_log_density,
     mixture_step,
+    renormalised_logprobs,
     token_slot,
 )
-from motg_fast.kernels.likelihood import renormalise
 
 
 def _action(rows=5, k=3, seed=0, dtype=torch.float64):
@@ -29,7 +30,7 @@ def _action(rows=5, k=3, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("c", [0.3, 1.0, 4.0])
 def test_dirichlet_density_matches_torch(c):
     logprobs, weights, mask, _ = _action()
-    log_pt = renormalise(logprobs, mask)
+    log_pt = renormalised_logprobs(logprobs, mask)
     ours = dirichlet_log_density(log_pt, weights, mask, c)
     theirs = torch.distributions.Dirichlet(c * log_pt.exp()).log_prob(weights)
     assert torch.allclose(ours, theirs, atol=1e-10)
@@ -38,7 +39,7 @@ def test_dirichlet_density_matches_torch(c):
 @pytest.mark.parametrize("lam", [0.3, 1.0, 2.0])
 def test_concrete_density_matches_torch(lam):
     logprobs, weights, mask, _ = _action()
-    log_pt = renormalise(logprobs, mask)
+    log_pt = renormalised_logprobs(logprobs, mask)
     ours = concrete_log_density(log_pt, weights, mask, lam)
     dist = torch.distributions.RelaxedOneHotCategorical(
         torch.tensor(lam, dtype=torch.float64), logits=log_pt
@@ -52,8 +53,8 @@ def test_densities_are_taken_over_valid_slots_only():
     w = weights.clone()
     w[:, 3] = 0
     w = w / w.sum(-1, keepdim=True)
-    log_pt = renormalise(logprobs, mask)
-    sub = renormalise(logprobs[:, :3], mask[:, :3])
+    log_pt = renormalised_logprobs(logprobs, mask)
+    sub = renormalised_logprobs(logprobs[:, :3], mask[:, :3])
     assert torch.allclose(
         dirichlet_log_density(log_pt, w, mask, 2.0),
         torch.distributions.Dirichlet(2.0 * sub.exp()).log_prob(w[:, :3]),
@@ -69,7 +70,7 @@ def test_single_valid_slot_has_zero_weight_density():
     mask = torch.zeros(5, 3, dtype=torch.bool)
     mask[:, 0] = True
     w = mask.double()
-    log_pt = renormalise(logprobs, mask)
+    log_pt = renormalised_logprobs(logprobs, mask)
     assert torch.allclose(
         dirichlet_log_density(log_pt, w, mask, 1.0), torch.zeros(5, dtype=torch.float64)
     )
@@ -80,9 +81,8 @@ def test_single_valid_slot_has_zero_weight_density():
 
 def test_token_and_weighted_likelihoods():
     logprobs, weights, mask, slot = _action()
-    token = action_logprob(
-        logprobs, weights, mask, slot, likelihood="token", selection="topk", weighting="prob"
-    )
+    spec = MixtureSpec(selection="topk", weighting="prob")
+    token = action_logprob(logprobs, weights, mask, slot, spec, likelihood="token")
     assert torch.equal(token, logprobs.gather(-1, slot[:, None]).squeeze(-1))
     mask[0, 2] = False
     weighted = action_logprob(
@@ -90,9 +90,8 @@ def test_token_and_weighted_likelihoods():
         weights,
         mask,
         slot.clamp(max=1),
+        MixtureSpec(selection="sample", weighting="dirichlet"),
         likelihood="weighted",
-        selection="sample",
-        weighting="dirichlet",
     )
     p = logprobs.exp() * mask
     expected = ((p / p.sum(-1, keepdim=True)) * logprobs * mask).sum(-1)
@@ -101,9 +100,8 @@ def test_token_and_weighted_likelihoods():
 
 def test_exact_topk_prob_sampled_token_is_log_renormalised_prob():
     logprobs, weights, mask, slot = _action()
-    ell = action_logprob(
-        logprobs, weights, mask, slot, likelihood="exact", selection="topk", weighting="prob"
-    )
+    spec = MixtureSpec(selection="topk", weighting="prob")
+    ell = action_logprob(logprobs, weights, mask, slot, spec, likelihood="exact")
     p = logprobs.exp()
     assert torch.allclose(
         ell, (p / p.sum(-1, keepdim=True)).gather(-1, slot[:, None]).log().squeeze(-1)
@@ -123,9 +121,8 @@ def test_exact_sample_prob_is_a_normalised_distribution_over_actions():
             torch.zeros(k, k, dtype=torch.float64),
             torch.ones(k, k, dtype=torch.bool),
             slots,
+            MixtureSpec(selection="sample", weighting="prob"),
             likelihood="exact",
-            selection="sample",
-            weighting="prob",
         )
         total += ell.exp().sum().item()
     assert abs(total - 1.0) < 1e-12
@@ -133,15 +130,16 @@ def test_exact_sample_prob_is_a_normalised_distribution_over_actions():
 
 def test_exact_adds_plackett_luce_density_and_token_terms():
     logprobs, weights, mask, slot = _action()
-    kw = dict(likelihood="exact", selection="sample", weighting="dirichlet", concentration=1.5)
-    ell = action_logprob(logprobs, weights, mask, slot, **kw)
+    spec = MixtureSpec(selection="sample", weighting="dirichlet", concentration=1.5)
+    ell = action_logprob(logprobs, weights, mask, slot, spec, likelihood="exact")
     lp = logprobs
     pl = lp.sum(-1) - torch.log1p(-(lp.exp().cumsum(-1) - lp.exp())).sum(-1)
-    log_pt = renormalise(logprobs, mask)
+    log_pt = renormalised_logprobs(logprobs, mask)
     dens = torch.distributions.Dirichlet(1.5 * log_pt.exp()).log_prob(weights)
     expected = pl + dens + weights.gather(-1, slot[:, None]).log().squeeze(-1)
     assert torch.allclose(ell, expected)
-    argmax = action_logprob(logprobs, weights, mask, slot, representative="argmax", **kw)
+    argmax_spec = spec.replace(representative="argmax")
+    argmax = action_logprob(logprobs, weights, mask, slot, argmax_spec, likelihood="exact")
     assert torch.allclose(argmax, pl + dens)
 
 
@@ -153,27 +151,23 @@ def test_exact_with_no_random_part_is_an_error():
             weights,
             mask,
             slot,
+            MixtureSpec(selection="topk", weighting="prob", representative="argmax"),
             likelihood="exact",
-            selection="topk",
-            weighting="prob",
-            representative="argmax",
         )
 
 
 def test_exact_skips_never_drawn_slots():
     logits = torch.full((1, 10), float("-inf"))
     logits[0, :2] = torch.tensor([0.3, -0.2])
-    step = mixture_step(
-        logits, torch.eye(10), k=4, selection="sample", generator=torch.Generator().manual_seed(0)
-    )
+    spec = MixtureSpec(k=4, selection="sample", weighting="prob")
+    step = mixture_step(logits, torch.eye(10), spec, generator=torch.Generator().manual_seed(0))
     ell = action_logprob(
         step.logprobs,
         step.weights,
         step.mask,
         token_slot(step.ids, step.token),
+        spec,
         likelihood="exact",
-        selection="sample",
-        weighting="prob",
     )
     # both finite entries are drawn, in some order (a, b): PL = p_a · p_b / (1 − p_a) = p_a;
     # the −inf slots are never drawn and contribute nothing; y ~ p̃ = p on {a, b}
@@ -194,56 +188,31 @@ def test_likelihood_gradcheck(selection, weighting, likelihood):
     slot[1] = 0
     logprobs.requires_grad_(True)
 
+    spec = MixtureSpec(
+        selection=selection, weighting=weighting, concentration=0.8, gumbel_temperature=0.6
+    )
+
     def fn(lp):
-        return action_logprob(
-            lp,
-            weights,
-            mask,
-            slot,
-            likelihood=likelihood,
-            selection=selection,
-            weighting=weighting,
-            concentration=0.8,
-            gumbel_temperature=0.6,
-        )
+        return action_logprob(lp, weights, mask, slot, spec, likelihood=likelihood)
 
     assert torch.autograd.gradcheck(fn, (logprobs,))
 
 
 def test_action_shape_errors():
     logprobs, weights, mask, slot = _action()
+    spec = MixtureSpec(selection="topk", weighting="prob")
     with pytest.raises(ValueError, match="share one shape"):
-        action_logprob(
-            logprobs,
-            weights[:, :2],
-            mask,
-            slot,
-            likelihood="token",
-            selection="topk",
-            weighting="prob",
-        )
+        action_logprob(logprobs, weights[:, :2], mask, slot, spec, likelihood="token")
     with pytest.raises(ValueError, match="token_slot must lie"):
-        action_logprob(
-            logprobs,
-            weights,
-            mask,
-            slot + 3,
-            likelihood="token",
-            selection="topk",
-            weighting="prob",
-        )
+        action_logprob(logprobs, weights, mask, slot + 3, spec, likelihood="token")
     with pytest.raises(ValueError, match="unknown likelihood"):
-        action_logprob(
-            logprobs, weights, mask, slot, likelihood="exactly", selection="topk", weighting="prob"
-        )
+        action_logprob(logprobs, weights, mask, slot, spec, likelihood="exactly")
     with pytest.raises(ValueError, match="concentration"):
         action_logprob(
             logprobs,
             weights,
             mask,
             slot,
+            MixtureSpec(selection="topk", weighting="dirichlet", concentration=0.0),
             likelihood="exact",
-            selection="topk",
-            weighting="dirichlet",
-            concentration=0.0,
         )

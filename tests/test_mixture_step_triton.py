@@ -13,17 +13,20 @@ import math
 import pytest
 import torch
 
-from motg_fast.kernels import SELECTIONS, WEIGHTINGS, gumbel_noise, mixture_step
-from motg_fast.kernels._backend import HAS_TRITON, triton_interpreter_on
-from motg_fast.kernels.mixture_step import (
-    _float32_reciprocal,
-    _split_plan,
+from motg_fast.kernels import (
+    SELECTIONS,
+    WEIGHTINGS,
+    MixtureSpec,
+    StepNoise,
+    gumbel_noise,
+    mixture_step,
     mixture_step_ref,
     mixture_step_triton,
     philox_step_noise,
     philox_step_seed,
-    split_count,
 )
+from motg_fast.kernels._backend import HAS_TRITON, triton_interpreter_on
+from motg_fast.kernels.mixture_step import _float32_reciprocal, _split_plan, split_count
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -48,27 +51,30 @@ def make_inputs(rows, vocab, hidden, *, seed=0, dtype=torch.float32, scale=3.0):
     return logits, embedding.to(dtype)
 
 
-def draws_seed(selection="topk", weighting="prob", representative="sample", **_) -> bool:
-    """Whether the Triton path draws a Philox seed for these modes (no explicit noise)."""
-    return selection == "sample" or weighting == "gumbel" or representative == "sample"
+def draws_seed(spec: MixtureSpec) -> bool:
+    """Whether the Triton path draws a Philox seed for this spec (no explicit noise)."""
+    return (
+        spec.selection == "sample" or spec.weighting == "gumbel" or spec.representative == "sample"
+    )
 
 
 def run_pair(logits, embedding, *, seed=0, splits=None, block_v=None, **kw):
-    """`(triton, reference)` steps that share every random draw."""
+    """`(triton, reference)` steps of `MixtureSpec(**kw)` that share every random draw."""
+    spec = MixtureSpec(**kw)
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     got = mixture_step_triton(
-        logits, embedding, generator=gen, vocab_splits=splits, block_v=block_v, **kw
+        logits, embedding, spec, generator=gen, vocab_splits=splits, block_v=block_v
     )
     twin = torch.Generator(device=DEVICE).manual_seed(seed)
-    noise = {}
-    if draws_seed(**kw):
+    noise = StepNoise()
+    if draws_seed(spec):
         batch, vocab = logits.shape
         philox_seed = philox_step_seed(twin, DEVICE)
-        sel, weight, token = philox_step_noise(philox_seed, batch, vocab, kw["k"])
-        noise = dict(selection_noise=sel, token_noise=token)
-        if kw.get("weighting") == "gumbel":
-            noise["weight_noise"] = weight
-    want = mixture_step_ref(logits, embedding, generator=twin, **noise, **kw)
+        sel, weight, token = philox_step_noise(philox_seed, batch, vocab, spec.k)
+        noise = StepNoise(
+            selection=sel, weight=weight if spec.weighting == "gumbel" else None, token=token
+        )
+    want = mixture_step_ref(logits, embedding, spec, generator=twin, noise=noise)
     return got, want
 
 
@@ -179,7 +185,7 @@ def test_top_p_and_min_p_filters(selection, filters):
 @pytest.mark.parametrize("splits", [1, 5])
 def test_k1_topk_is_greedy(splits):
     logits, embedding = make_inputs(3, 3001, 32, seed=9)
-    got = mixture_step_triton(logits, embedding, k=1, vocab_splits=splits)
+    got = mixture_step_triton(logits, embedding, MixtureSpec(k=1), vocab_splits=splits)
     greedy = logits.argmax(-1)
     assert torch.equal(got.ids[:, 0], greedy) and torch.equal(got.token, greedy)
     assert torch.equal(got.weights, torch.ones(3, 1, device=DEVICE))
@@ -190,10 +196,8 @@ def test_k1_topk_is_greedy(splits):
 def test_k1_sample_is_gumbel_max(splits):
     logits, embedding = make_inputs(3, 3001, 32, seed=4, scale=1.0)
     gen = torch.Generator(device=DEVICE).manual_seed(17)
-    got = mixture_step_triton(
-        logits, embedding, k=1, temperature=0.7, selection="sample", generator=gen,
-        vocab_splits=splits,
-    )  # fmt: skip
+    spec = MixtureSpec(k=1, temperature=0.7, selection="sample")
+    got = mixture_step_triton(logits, embedding, spec, generator=gen, vocab_splits=splits)
     seed = philox_step_seed(torch.Generator(device=DEVICE).manual_seed(17), DEVICE)
     noise = philox_step_noise(seed, 3, 3001, 1)[0]
     expected = (logits / 0.7 + noise).argmax(-1)
@@ -206,11 +210,11 @@ def test_k1_sample_is_gumbel_max(splits):
 
 def test_same_seed_same_sample_and_new_seed_new_sample():
     logits, embedding = make_inputs(4, 3001, 16, seed=1, scale=1.0)
-    kw = dict(k=3, selection="sample", weighting="gumbel")
+    spec = MixtureSpec(k=3, selection="sample", weighting="gumbel")
 
     def step(seed):
         gen = torch.Generator(device=DEVICE).manual_seed(seed)
-        return mixture_step_triton(logits, embedding, generator=gen, **kw)
+        return mixture_step_triton(logits, embedding, spec, generator=gen)
 
     first, again, other = step(11), step(11), step(12)
     for a, b in zip(first, again, strict=True):
@@ -236,14 +240,14 @@ def test_philox_noise_is_standard_gumbel_and_streams_differ():
 def test_explicit_noise_replaces_philox():
     logits, embedding = make_inputs(3, 2000, 16, seed=6, scale=1.0)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    noise = dict(
-        selection_noise=gumbel_noise((3, 2000), device=DEVICE, generator=gen).to(torch.bfloat16),
-        weight_noise=gumbel_noise((3, 4), device=DEVICE, generator=gen),
-        token_noise=gumbel_noise((3, 4), device=DEVICE, generator=gen),
+    noise = StepNoise(
+        selection=gumbel_noise((3, 2000), device=DEVICE, generator=gen).to(torch.bfloat16),
+        weight=gumbel_noise((3, 4), device=DEVICE, generator=gen),
+        token=gumbel_noise((3, 4), device=DEVICE, generator=gen),
     )
-    kw = dict(k=4, selection="sample", weighting="gumbel", **noise)
-    got = mixture_step_triton(logits, embedding, vocab_splits=2, **kw)
-    want = mixture_step_ref(logits, embedding, **kw)
+    spec = MixtureSpec(k=4, selection="sample", weighting="gumbel")
+    got = mixture_step_triton(logits, embedding, spec, noise=noise, vocab_splits=2)
+    want = mixture_step_ref(logits, embedding, spec, noise=noise)
     assert_same_step(got, want, embedding)
 
 
@@ -266,8 +270,9 @@ def test_fp16_logits_and_float64_embedding():
     got, want = run_pair(logits, embedding, k=3, selection="sample")
     assert_same_step(got, want, embedding)
     emb64 = embedding.double()
-    got64 = mixture_step_triton(logits, emb64, k=3, representative="argmax")
-    want64 = mixture_step_ref(logits, emb64, k=3, representative="argmax")
+    spec = MixtureSpec(k=3, representative="argmax")
+    got64 = mixture_step_triton(logits, emb64, spec)
+    want64 = mixture_step_ref(logits, emb64, spec)
     assert got64.embeds.dtype == torch.float64
     torch.testing.assert_close(got64.embeds, want64.embeds, atol=1e-6, rtol=1e-6)
 
@@ -287,7 +292,7 @@ def test_largest_k_and_the_k_limit():
     got, want = run_pair(logits, embedding, splits=2, k=64, top_p=0.9, weighting="gumbel")
     assert_same_step(got, want, embedding)
     with pytest.raises(ValueError, match="k <= 64"):
-        mixture_step(logits, embedding, k=65, backend="triton")
+        mixture_step(logits, embedding, MixtureSpec(k=65), backend="triton")
 
 
 def test_auto_dispatch_falls_back_to_the_reference_above_the_k_limit(monkeypatch):
@@ -295,8 +300,9 @@ def test_auto_dispatch_falls_back_to_the_reference_above_the_k_limit(monkeypatch
     monkeypatch.setattr(module, "resolve_backend", lambda *args: "triton")  # as on CUDA
     monkeypatch.setattr(module, "mixture_step_triton", None)  # must not be called
     logits, embedding = make_inputs(2, 300, 8, seed=16)
-    got = mixture_step(logits, embedding, k=65, representative="argmax")
-    want = mixture_step_ref(logits, embedding, k=65, representative="argmax")
+    spec = MixtureSpec(k=65, representative="argmax")
+    got = mixture_step(logits, embedding, spec)
+    want = mixture_step_ref(logits, embedding, spec)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
@@ -329,32 +335,35 @@ def test_float32_reciprocal_matches_torch_float32_division():
 
 def test_public_dispatch_runs_the_triton_path():
     logits, embedding = make_inputs(2, 1500, 8, seed=14, scale=1.0)
-    kw = dict(k=2, selection="sample", temperature=0.9)
+    spec = MixtureSpec(k=2, selection="sample", temperature=0.9)
     public = mixture_step(
-        logits, embedding, backend="triton",
-        generator=torch.Generator(device=DEVICE).manual_seed(5), **kw,
+        logits, embedding, spec, backend="triton",
+        generator=torch.Generator(device=DEVICE).manual_seed(5),
     )  # fmt: skip
     direct = mixture_step_triton(
-        logits, embedding, generator=torch.Generator(device=DEVICE).manual_seed(5), **kw
+        logits, embedding, spec, generator=torch.Generator(device=DEVICE).manual_seed(5)
     )
     for a, b in zip(public, direct, strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="NaN"):
         bad = logits.clone()
         bad[1, 3] = float("nan")
-        mixture_step(bad, embedding, backend="triton", **kw)
+        mixture_step(bad, embedding, spec, backend="triton")
 
 
 def test_bad_arguments_fail_clearly():
     logits, embedding = make_inputs(2, 64, 4)
-    with pytest.raises(ValueError, match="weight_noise applies to weighting='gumbel' only"):
+    with pytest.raises(ValueError, match="weight noise applies to weighting='gumbel' only"):
         mixture_step_triton(
-            logits, embedding, k=2, weighting="dirichlet", weight_noise=torch.zeros(2, 2)
+            logits,
+            embedding,
+            MixtureSpec(k=2, weighting="dirichlet"),
+            noise=StepNoise(weight=torch.zeros(2, 2)),
         )
     with pytest.raises(ValueError, match="vocab_splits"):
-        mixture_step_triton(logits, embedding, k=2, vocab_splits=0)
+        mixture_step_triton(logits, embedding, MixtureSpec(k=2), vocab_splits=0)
     with pytest.raises(ValueError, match="block_v"):
-        mixture_step_triton(logits, embedding, k=2, block_v=100)
+        mixture_step_triton(logits, embedding, MixtureSpec(k=2), block_v=100)
     with pytest.raises(ValueError, match="seed"):
         philox_step_noise(torch.zeros(2, dtype=torch.int64), 1, 8, 2)
 

@@ -136,6 +136,7 @@ def test_default_model_conversion_is_cached(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_default_model_offline_chat_template_and_greedy_engine_matches_generate(monkeypatch):
     from motg_fast.engine import RolloutEngine
+    from motg_fast.kernels import MixtureSpec
     from motg_fast.prompting import build_prompt
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -148,7 +149,9 @@ def test_default_model_offline_chat_template_and_greedy_engine_matches_generate(
 
     new_tokens = 6
     engine = RolloutEngine(model, tokenizer, max_new_tokens=new_tokens)
-    rollout = engine.generate([prompt.ids], k=1, selection="topk", temperature=1.0, seed=0)
+    rollout = engine.generate(
+        [prompt.ids], MixtureSpec(k=1, selection="topk", temperature=1.0), seed=0
+    )
     ours = rollout.token[0, : int(rollout.lengths[0])].tolist()
     with torch.no_grad():
         out = model.generate(

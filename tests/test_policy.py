@@ -4,15 +4,9 @@ import pytest
 import torch
 import transformers
 
-from motg_fast.kernels import action_logprob
-from motg_fast.policy import (
-    PHASE_DISCRETE,
-    PHASE_MIXTURE,
-    PHASE_PAD,
-    Trajectories,
-    build_sequence_batch,
-    score_trajectories,
-)
+from motg_fast.kernels import MixtureSpec, action_logprob
+from motg_fast.policy import build_sequence_batch, score_trajectories
+from motg_fast.types import Phase, Trajectories
 
 VOCAB, K = 97, 3
 
@@ -40,9 +34,9 @@ def _trajectories(seed=0):
     ids = torch.stack([torch.randperm(VOCAB, generator=g)[:K] for _ in range(n * t)]).view(n, t, K)
     weights = torch.softmax(torch.randn(n, t, K, generator=g), -1)
     mask = torch.ones(n, t, K, dtype=torch.bool)
-    phase = torch.full((n, t), PHASE_MIXTURE, dtype=torch.int8)
-    phase[0, 3:] = PHASE_DISCRETE
-    phase[1, 2:] = PHASE_PAD  # a shorter completion
+    phase = torch.full((n, t), Phase.MIXTURE, dtype=torch.int8)
+    phase[0, 3:] = Phase.DISCRETE
+    phase[1, 2:] = Phase.PAD  # a shorter completion
     for row, col in ((0, 3), (0, 4)):  # discrete positions: [y, …], w = [1, 0, …]
         weights[row, col] = torch.tensor([1.0, 0.0, 0.0])
         mask[row, col] = torch.tensor([True, False, False])
@@ -70,7 +64,7 @@ def _naive_logprobs(model, traj, temperature):
 
 def test_sequence_layout():
     traj = _trajectories()
-    batch = build_sequence_batch(traj, pad_id=0)
+    batch = build_sequence_batch(traj)
     assert batch.prompt_length == 4 and batch.input_ids.shape == (3, 4 + 5 - 1, K)
     assert batch.attention_mask[1].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
     assert batch.position_ids[1, 2:5].tolist() == [0, 1, 2]
@@ -83,7 +77,7 @@ def test_sequence_layout():
 def test_logprobs_match_a_plain_forward_per_trajectory(model, temperature):
     traj = _trajectories()
     scores = score_trajectories(
-        model, traj, temperature=temperature, likelihood="token", selection="topk", weighting="prob"
+        model, traj, MixtureSpec(temperature=temperature), likelihood="token"
     )
     expected = _naive_logprobs(model, traj, temperature)
     real = traj.completion_mask.unsqueeze(-1).expand_as(expected)
@@ -97,7 +91,7 @@ def test_discrete_trajectories_match_token_logprobs_of_transformers(model):
     weights = torch.zeros(2, 3, K)
     weights[..., 0] = 1
     mask = weights.bool()
-    phase = torch.full((2, 3), PHASE_DISCRETE, dtype=torch.int8)
+    phase = torch.full((2, 3), Phase.DISCRETE, dtype=torch.int8)
     traj = Trajectories(
         prompts,
         ids,
@@ -108,14 +102,8 @@ def test_discrete_trajectories_match_token_logprobs_of_transformers(model):
         torch.zeros(2, 3, K),
     )
     for likelihood in ("token", "weighted", "exact"):
-        scores = score_trajectories(
-            model,
-            traj,
-            temperature=1.0,
-            likelihood=likelihood,
-            selection="sample",
-            weighting="dirichlet",
-        )
+        spec = MixtureSpec(k=K, selection="sample", weighting="dirichlet")
+        scores = score_trajectories(model, traj, spec, likelihood=likelihood)
         for n, prompt in enumerate(prompts):
             seq = torch.tensor([prompt + completions[n].tolist()])
             logp = torch.log_softmax(model(seq).logits[0, len(prompt) - 1 : -1], -1)
@@ -126,12 +114,17 @@ def test_discrete_trajectories_match_token_logprobs_of_transformers(model):
 @pytest.mark.parametrize("likelihood", ["weighted", "exact"])
 def test_mixture_positions_use_the_chosen_likelihood_and_backprop(model, likelihood):
     traj = _trajectories()
-    kw = dict(likelihood=likelihood, selection="sample", weighting="gumbel", gumbel_temperature=0.7)
-    scores = score_trajectories(model, traj, temperature=1.0, **kw)
+    spec = MixtureSpec(k=K, selection="sample", weighting="gumbel", gumbel_temperature=0.7)
+    scores = score_trajectories(model, traj, spec, likelihood=likelihood)
     expected = action_logprob(
-        scores.logprobs.detach(), traj.weights, traj.mask, traj.token_slot, **kw
+        scores.logprobs.detach(),
+        traj.weights,
+        traj.mask,
+        traj.token_slot,
+        spec,
+        likelihood=likelihood,
     )
-    is_mix = traj.phase == PHASE_MIXTURE
+    is_mix = traj.phase == Phase.MIXTURE
     assert torch.allclose(scores.action_logprob.detach()[is_mix], expected[is_mix], atol=1e-5)
     loss = -(scores.action_logprob * traj.completion_mask).sum()
     loss.backward()
@@ -144,32 +137,15 @@ def test_mixture_positions_use_the_chosen_likelihood_and_backprop(model, likelih
 def test_training_forward_reproduces_the_rollout_logprobs(weighting):
     """The cached rollout and the training forward agree on log p at every stored id."""
     from motg_fast.engine import RolloutEngine
-    from motg_fast.trainer import rollout_to_trajectories
     from tiny_models import tiny_qwen2, tiny_tokenizer
 
     model, tokenizer = tiny_qwen2(), tiny_tokenizer()
     engine = RolloutEngine(model, tokenizer, max_new_tokens=12)
     prompts = [tokenizer.encode("the answer <think>"), tokenizer.encode("a <think>")]
-    rollout = engine.generate(
-        prompts,
-        group_size=3,
-        k=3,
-        temperature=0.8,
-        selection="sample",
-        weighting=weighting,
-        seed=4,
-    )
-    traj = rollout_to_trajectories(rollout)
+    spec = MixtureSpec(k=3, temperature=0.8, selection="sample", weighting=weighting)
+    rollout = traj = engine.generate(prompts, spec, group_size=3, seed=4)
     with torch.no_grad():
-        scores = score_trajectories(
-            model,
-            traj,
-            temperature=0.8,
-            likelihood="exact",
-            selection="sample",
-            weighting=weighting,
-            pad_id=tokenizer.pad_token_id,
-        )
+        scores = score_trajectories(model, traj, spec, likelihood="exact")
     real = traj.completion_mask.unsqueeze(-1) & traj.mask
     assert real.sum() > 20
     assert torch.allclose(scores.logprobs[real], rollout.logprobs[real], atol=1e-5)
@@ -179,13 +155,6 @@ def test_models_that_transform_their_logits_are_refused(model):
     model.config.final_logit_softcapping = 30.0
     try:
         with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
-            score_trajectories(
-                model,
-                _trajectories(),
-                temperature=1.0,
-                likelihood="token",
-                selection="topk",
-                weighting="prob",
-            )
+            score_trajectories(model, _trajectories(), MixtureSpec(), likelihood="token")
     finally:
         model.config.final_logit_softcapping = None

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from motg_fast.kernels import (
     SELECTIONS,
     WEIGHTINGS,
+    MixtureSpec,
+    StepNoise,
     gumbel_noise,
     mixture_step,
     ordering_keys,
@@ -32,7 +34,9 @@ def _batch(rows=6, vocab=37, hidden=5, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
 def test_k1_topk_is_greedy(weighting, generator):
     logits, embedding = _batch()
-    step = mixture_step(logits, embedding, k=1, weighting=weighting, generator=generator)
+    step = mixture_step(
+        logits, embedding, MixtureSpec(k=1, weighting=weighting), generator=generator
+    )
     assert torch.equal(step.ids[:, 0], logits.argmax(-1))
     assert torch.equal(step.token, logits.argmax(-1))
     assert torch.equal(step.weights, torch.ones(6, 1))
@@ -44,15 +48,9 @@ def test_k1_topk_is_greedy(weighting, generator):
 def test_k1_sample_is_gumbel_max_from_full_softmax(weighting, temperature, generator):
     logits, embedding = _batch()
     noise = gumbel_noise((6, 37), device=logits.device, generator=generator)
+    spec = MixtureSpec(k=1, temperature=temperature, selection="sample", weighting=weighting)
     step = mixture_step(
-        logits,
-        embedding,
-        k=1,
-        temperature=temperature,
-        selection="sample",
-        weighting=weighting,
-        selection_noise=noise,
-        generator=generator,
+        logits, embedding, spec, noise=StepNoise(selection=noise), generator=generator
     )
     expected = (logits / temperature + noise).argmax(-1)
     assert torch.equal(step.token, expected)
@@ -66,9 +64,8 @@ def test_k1_sample_frequencies_follow_softmax():
     g = torch.Generator().manual_seed(7)
     draws = 20000
     counts = torch.zeros(4)
-    step = mixture_step(
-        logits.expand(draws, 4), embedding, k=1, temperature=0.8, selection="sample", generator=g
-    )
+    spec = MixtureSpec(k=1, temperature=0.8, selection="sample")
+    step = mixture_step(logits.expand(draws, 4), embedding, spec, generator=g)
     counts += torch.bincount(step.token, minlength=4)
     expected = torch.softmax(logits[0] / 0.8, -1)
     assert torch.allclose(counts / draws, expected, atol=0.012)
@@ -81,16 +78,8 @@ def test_weights_form_a_distribution_and_embeds_are_the_weighted_sum(
 ):
     logits, embedding = _batch(rows=16, vocab=41, hidden=7)
     logits[3, 5:] = float("-inf")  # a masked vocabulary with fewer finite entries than k
-    step = mixture_step(
-        logits,
-        embedding,
-        k=6,
-        selection=selection,
-        weighting=weighting,
-        temperature=0.9,
-        generator=generator,
-        **filters,
-    )
+    spec = MixtureSpec(k=6, selection=selection, weighting=weighting, temperature=0.9, **filters)
+    step = mixture_step(logits, embedding, spec, generator=generator)
     assert step.ids.shape == step.weights.shape == step.mask.shape == (16, 6)
     assert (step.weights >= 0).all()
     assert torch.equal(step.weights[~step.mask], torch.zeros_like(step.weights[~step.mask]))
@@ -108,7 +97,7 @@ def test_weights_form_a_distribution_and_embeds_are_the_weighted_sum(
 def test_logprobs_logsumexp_entropy_match_log_softmax():
     logits, embedding = _batch(vocab=53)
     logits[1, ::3] = float("-inf")
-    step = mixture_step(logits, embedding, k=4, temperature=0.7)
+    step = mixture_step(logits, embedding, MixtureSpec(k=4, temperature=0.7))
     log_p = torch.log_softmax(logits / 0.7, -1)
     assert torch.allclose(step.logprobs, log_p.gather(-1, step.ids), atol=1e-6)
     assert torch.allclose(step.logsumexp, torch.logsumexp(logits / 0.7, -1), atol=1e-6)
@@ -120,7 +109,7 @@ def test_logprobs_logsumexp_entropy_match_log_softmax():
 
 def test_topk_ties_break_towards_lower_ids():
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -0.0, 1.0]])
-    step = mixture_step(logits, torch.eye(7), k=5)
+    step = mixture_step(logits, torch.eye(7), MixtureSpec(k=5))
     assert step.ids.tolist() == [[1, 3, 4, 2, 6]]
     zeros = torch.tensor([[-0.0, 0.0, -0.0]])
     assert select_candidates(zeros, 3).tolist() == [[0, 1, 2]]
@@ -137,7 +126,8 @@ def test_ordering_keys_follow_float_order():
 def test_bf16_and_fp16_logits_give_float32_outputs(generator):
     for dtype in (torch.bfloat16, torch.float16):
         logits, embedding = _batch(dtype=dtype)
-        step = mixture_step(logits, embedding, k=3, weighting="gumbel", generator=generator)
+        spec = MixtureSpec(k=3, weighting="gumbel")
+        step = mixture_step(logits, embedding, spec, generator=generator)
         assert step.weights.dtype == step.logprobs.dtype == torch.float32
         assert step.embeds.dtype == dtype
         ref = torch.log_softmax(logits.float(), -1).gather(-1, step.ids)
@@ -148,15 +138,15 @@ def test_noncontiguous_logits_rows():
     logits, embedding = _batch(rows=4, vocab=30)
     wide = torch.zeros(4, 64)
     wide[:, :30] = logits
-    step = mixture_step(wide[:, :30], embedding, k=3)
-    assert torch.equal(step.ids, mixture_step(logits, embedding, k=3).ids)
+    step = mixture_step(wide[:, :30], embedding, MixtureSpec(k=3))
+    assert torch.equal(step.ids, mixture_step(logits, embedding, MixtureSpec(k=3)).ids)
 
 
 def test_top_p_keeps_smallest_prefix_reaching_mass():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
     for top_p, kept in [(0.4, 1), (0.49, 1), (0.79, 2), (0.81, 3), (1.0, 4)]:
-        step = mixture_step(logits, torch.eye(4), k=4, top_p=top_p)
+        step = mixture_step(logits, torch.eye(4), MixtureSpec(k=4, top_p=top_p))
         assert step.mask.sum().item() == kept, top_p
         assert step.mask[0, :kept].all()
 
@@ -169,7 +159,7 @@ def test_min_p_filters_relative_to_the_max_probability():
         (0.29, [True, True, True, False]),
         (0.0, [True, True, True, True]),
     ]:
-        step = mixture_step(probs.log(), torch.eye(4), k=4, min_p=min_p)
+        step = mixture_step(probs.log(), torch.eye(4), MixtureSpec(k=4, min_p=min_p))
         assert step.mask.tolist() == [mask], min_p
 
 
@@ -197,14 +187,8 @@ def test_sample_selection_frequencies_match_plackett_luce():
     logits = torch.tensor([[1.0, -0.5, 0.3, 0.8]])
     temperature, k, draws = 1.3, 2, 30000
     g = torch.Generator().manual_seed(11)
-    step = mixture_step(
-        logits.expand(draws, 4),
-        torch.eye(4),
-        k=k,
-        temperature=temperature,
-        selection="sample",
-        generator=g,
-    )
+    spec = MixtureSpec(k=k, temperature=temperature, selection="sample")
+    step = mixture_step(logits.expand(draws, 4), torch.eye(4), spec, generator=g)
     subsets, pl = _all_ordered_subsets_pl(torch.log_softmax(logits[0] / temperature, -1), k)
     index = {s: i for i, s in enumerate(subsets)}
     counts = torch.zeros(len(subsets), dtype=torch.float64)
@@ -220,16 +204,15 @@ def test_representative_token_frequencies_follow_weights():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     draws = 20000
     g = torch.Generator().manual_seed(5)
-    step = mixture_step(logits.expand(draws, 4), torch.eye(4), k=3, generator=g)
+    step = mixture_step(logits.expand(draws, 4), torch.eye(4), MixtureSpec(k=3), generator=g)
     freq = torch.bincount(token_slot(step.ids, step.token), minlength=3).double() / draws
     assert torch.allclose(freq, step.weights[0].double(), atol=0.012)
 
 
 def test_argmax_representative_picks_heaviest_slot(generator):
     logits, embedding = _batch(rows=32)
-    step = mixture_step(
-        logits, embedding, k=3, weighting="dirichlet", representative="argmax", generator=generator
-    )
+    spec = MixtureSpec(k=3, weighting="dirichlet", representative="argmax")
+    step = mixture_step(logits, embedding, spec, generator=generator)
     assert torch.equal(token_slot(step.ids, step.token), step.weights.argmax(-1))
 
 
@@ -266,22 +249,9 @@ def test_gumbel_weights_argmax_follows_p_tilde():
 
 def test_generator_makes_steps_reproducible():
     logits, embedding = _batch(rows=8)
-    a = mixture_step(
-        logits,
-        embedding,
-        k=3,
-        selection="sample",
-        weighting="dirichlet",
-        generator=torch.Generator().manual_seed(42),
-    )
-    b = mixture_step(
-        logits,
-        embedding,
-        k=3,
-        selection="sample",
-        weighting="dirichlet",
-        generator=torch.Generator().manual_seed(42),
-    )
+    spec = MixtureSpec(k=3, selection="sample", weighting="dirichlet")
+    a = mixture_step(logits, embedding, spec, generator=torch.Generator().manual_seed(42))
+    b = mixture_step(logits, embedding, spec, generator=torch.Generator().manual_seed(42))
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -298,15 +268,8 @@ def test_generator_makes_steps_reproducible():
 def test_invariants_hold_for_random_shapes(rows, vocab, k, temperature, mode, seed):
     k = min(k, vocab)
     logits, embedding = _batch(rows=rows, vocab=vocab, hidden=3, seed=seed)
-    step = mixture_step(
-        logits,
-        embedding,
-        k=k,
-        temperature=temperature,
-        selection=mode[0],
-        weighting=mode[1],
-        generator=torch.Generator().manual_seed(seed),
-    )
+    spec = MixtureSpec(k=k, temperature=temperature, selection=mode[0], weighting=mode[1])
+    step = mixture_step(logits, embedding, spec, generator=torch.Generator().manual_seed(seed))
     assert torch.allclose(step.weights.sum(-1), torch.ones(rows), atol=1e-5)
     assert (step.weights >= 0).all() and step.mask[:, 0].all()
     assert torch.isfinite(step.logprobs).all()

@@ -3,14 +3,29 @@
 import pytest
 import torch
 
-from motg_fast.kernels import mixture_embed, mixture_logprobs, mixture_step, resolve_backend
+from motg_fast.kernels import (
+    MixtureSpec,
+    StepNoise,
+    mixture_embed,
+    mixture_logprobs,
+    mixture_step,
+    resolve_backend,
+)
+
+SPEC_FIELDS = MixtureSpec.field_names()
+NOISE_STREAMS = {f"{name}_noise": name for name in StepNoise._fields}
 
 
 def _step(**kw):
+    """`mixture_step` of a small batch: spec fields, `<stream>_noise` and call options."""
     logits = kw.pop("logits", torch.randn(2, 10))
     embedding = kw.pop("embedding", torch.randn(10, 4))
     kw.setdefault("k", 2)
-    return mixture_step(logits, embedding, **kw)
+    spec = MixtureSpec(**{name: kw.pop(name) for name in SPEC_FIELDS if name in kw})
+    noise = StepNoise(
+        **{NOISE_STREAMS[name]: kw.pop(name) for name in list(kw) if name in NOISE_STREAMS}
+    )
+    return mixture_step(logits, embedding, spec, noise=noise, **kw)
 
 
 @pytest.mark.parametrize(
@@ -33,10 +48,10 @@ def _step(**kw):
         ({"logits": torch.randn(10)}, "logits must be 2-D"),
         ({"logits": torch.ones(2, 10, dtype=torch.long)}, "logits must be a floating-point"),
         ({"embedding": torch.randn(10, 4, device="meta")}, "must share one device"),
-        ({"selection_noise": torch.randn(2, 9)}, r"selection_noise must have shape \(2, 10\)"),
+        ({"selection_noise": torch.randn(2, 9)}, r"selection noise must have shape \(2, 10\)"),
         (
             {"weight_noise": torch.randn(2, 3), "weighting": "gumbel"},
-            "weight_noise must have shape",
+            "weight noise must have shape",
         ),
         ({"backend": "cuda"}, "unknown backend 'cuda'"),
     ],
@@ -68,7 +83,7 @@ def test_fully_masked_row_is_an_error_partially_masked_is_fine():
 
 
 def test_dirichlet_rejects_explicit_noise():
-    with pytest.raises(ValueError, match="weight_noise applies to weighting='gumbel' only"):
+    with pytest.raises(ValueError, match="weight noise applies to weighting='gumbel' only"):
         _step(weighting="dirichlet", weight_noise=torch.randn(2, 2))
 
 
@@ -90,18 +105,16 @@ def test_embed_and_logprobs_argument_errors():
 
 def test_backend_resolution(monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_backend("op", None, cpu, True) == "reference"
-    assert resolve_backend("op", "reference", cpu, True) == "reference"
+    assert resolve_backend("op", None, cpu) == "reference"
+    assert resolve_backend("op", "reference", cpu) == "reference"
     monkeypatch.setenv("MOTG_BACKEND", "reference")
-    assert resolve_backend("op", None, torch.device("cuda"), True) == "reference"
+    assert resolve_backend("op", None, torch.device("cuda")) == "reference"
     monkeypatch.setenv("MOTG_BACKEND", "fast")
     with pytest.raises(ValueError, match="unknown MOTG_BACKEND 'fast'"):
-        resolve_backend("op", None, cpu, True)
+        resolve_backend("op", None, cpu)
     monkeypatch.delenv("MOTG_BACKEND")
-    with pytest.raises(RuntimeError, match="has no Triton path"):
-        resolve_backend("op", "triton", cpu, False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        resolve_backend("op", "triton", cpu, True)
+        resolve_backend("op", "triton", cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_backend("op", "triton", cpu, True) == "triton"
+    assert resolve_backend("op", "triton", cpu) == "triton"

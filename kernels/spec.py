@@ -1,0 +1,208 @@
+"""`MixtureSpec`: every sampling setting of one MoT-G thinking step, in one validated object.
+
+    spec = MixtureSpec(k=2, temperature=0.9, selection="sample", weighting="dirichlet")
+    step = mixture_step(logits, embedding, spec, generator=gen)
+    ell = action_logprob(step.logprobs, step.weights, step.mask, slot, spec, likelihood="exact")
+
+The fields are the math of `mixture_step.py` (selection S, weights w, representative y):
+- `k` candidate slots (k = 1: ordinary decoding; `topk` greedy, `sample` multinomial);
+- `temperature` τ of `p = softmax(z/τ)`;
+- `selection`: `topk` (the k largest logits) or `sample` (Gumbel-top-k, k draws from p
+  without replacement);
+- `weighting`: `prob` (p renormalised over the slots), `dirichlet` (Dir(c·p̃), c =
+  `concentration`) or `gumbel` (softmax((log p̃ + g)/λ), λ = `gumbel_temperature`);
+- `top_p`, `min_p`: filters on the k slots of a thinking step (a slot stays while the mass
+  of the slots before it is below `top_p`; `p_j ≥ min_p · max p`); they filter *mixture
+  slots*, so they need k ≥ 2, and the discrete answer phase of a run samples from the full
+  distribution (`answer_spec`);
+- `representative`: `sample` (y ~ Cat(w)) or `argmax` (the heaviest slot).
+
+A spec is frozen and checked once, on creation, with one-line errors; the ops trust it.
+Imports nothing but the standard library (the kernels folder stays torch + triton only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+SELECTIONS = ("topk", "sample")
+WEIGHTINGS = ("prob", "dirichlet", "gumbel")
+REPRESENTATIVES = ("sample", "argmax")
+LIKELIHOODS = ("token", "weighted", "exact")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
+
+
+def check_positive(name: str, value: float) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_probability(name: str, value: float | None, *, allow_zero: bool) -> None:
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    low_ok = number and (value >= 0 if allow_zero else value > 0)
+    if not (low_ok and value <= 1):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+
+
+def check_k(k: int, vocab_size: float = math.inf) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if k > vocab_size:
+        raise ValueError(f"k={k} exceeds the vocabulary size {vocab_size}")
+
+
+def _field(default: Any, help: str, **metadata: Any) -> Any:
+    """A field with its command-line help (and choices) in its metadata."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """How one thinking step samples its mixture action (see the module docstring)."""
+
+    k: int = _field(1, "tokens mixed per thinking step (1 = ordinary decoding)")
+    temperature: float = _field(1.0, "sampling temperature τ")
+    selection: str = _field("topk", "candidate selection", choices=SELECTIONS)
+    weighting: str = _field("prob", "mixture weights", choices=WEIGHTINGS)
+    top_p: float | None = _field(None, "nucleus filter on the k mixture slots (needs k >= 2)")
+    min_p: float | None = _field(None, "min-p filter on the k mixture slots (needs k >= 2)")
+    concentration: float = _field(1.0, "Dirichlet concentration c (weighting=dirichlet)")
+    gumbel_temperature: float = _field(1.0, "Gumbel-softmax temperature λ (weighting=gumbel)")
+    representative: str = _field(
+        "sample", "representative token: sample from w, or argmax", choices=REPRESENTATIVES
+    )
+
+    def __post_init__(self) -> None:
+        check_k(self.k)
+        check_positive("temperature", self.temperature)
+        check_choice("selection", self.selection, SELECTIONS)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("representative", self.representative, REPRESENTATIVES)
+        check_probability("top_p", self.top_p, allow_zero=False)
+        check_probability("min_p", self.min_p, allow_zero=True)
+        check_positive("concentration", self.concentration)
+        check_positive("gumbel_temperature", self.gumbel_temperature)
+        if self.k == 1 and self.has_filters:
+            raise ValueError(
+                "top_p and min_p filter the k mixture slots of a thinking step; with k=1 there "
+                "is one slot and they would do nothing: use k >= 2 or leave them unset"
+            )
+
+    # ---- derived properties -----------------------------------------------------------
+
+    @property
+    def is_discrete(self) -> bool:
+        """k = 1: ordinary decoding (`topk` greedy, `sample` multinomial)."""
+        return self.k == 1
+
+    @property
+    def is_deterministic(self) -> bool:
+        """No random draw at all: `topk` + `prob` with a deterministic token (k = 1 or argmax)."""
+        fixed_token = self.k == 1 or self.representative == "argmax"
+        return self.selection == "topk" and self.weighting == "prob" and fixed_token
+
+    @property
+    def needs_noise(self) -> bool:
+        """Whether a step draws random numbers (and so advances the generator): a sampled
+        selection, random weights or a sampled token; the outcome may still be fixed (k = 1)."""
+        return (
+            self.selection == "sample"
+            or self.weighting != "prob"
+            or self.representative == "sample"
+        )
+
+    @property
+    def has_filters(self) -> bool:
+        """Whether `top_p` or a non-zero `min_p` can mask slots."""
+        return self.top_p is not None or bool(self.min_p)
+
+    @property
+    def likelihoods(self) -> tuple[str, ...]:
+        """The `action_logprob` likelihoods defined for actions of this spec.
+
+        `exact` needs a random part: `topk` + `prob` with an argmax token has none.
+        """
+        no_exact = (
+            self.selection == "topk"
+            and self.weighting == "prob"
+            and self.representative == "argmax"
+        )
+        return ("token", "weighted") if no_exact else LIKELIHOODS
+
+    def check_likelihood(self, likelihood: str) -> None:
+        """Raise a one-line error when `likelihood` is unknown or undefined for this spec."""
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        if likelihood not in self.likelihoods:
+            raise ValueError(
+                "likelihood='exact' is undefined for selection='topk', weighting='prob' and "
+                "representative='argmax': the action is a deterministic function of the "
+                "logits. Use a random selection, weighting or representative, or "
+                "likelihood='token'/'weighted'."
+            )
+
+    def answer_spec(self) -> MixtureSpec:
+        """The spec of a discrete answer-phase step of a mixture run: one token sampled from
+        the full distribution at the same τ (k = 1 runs keep their own spec throughout)."""
+        if self.is_discrete:
+            return self
+        return MixtureSpec(
+            k=1, temperature=self.temperature, selection="sample", representative="argmax"
+        )
+
+    # ---- construction and (de)serialisation -------------------------------------------
+
+    def replace(self, **changes: Any) -> MixtureSpec:
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Names of the spec's fields, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Any) -> MixtureSpec:
+        """The spec made of the spec-named keys (or attributes) of `values`; others ignored."""
+        get = values.get if isinstance(values, dict) else lambda n, d: getattr(values, n, d)
+        missing = object()
+        found = {name: get(name, missing) for name in cls.field_names()}
+        return cls(**{name: v for name, v in found.items() if v is not missing})
+
+
+def spec_from_keywords(op: str, spec: MixtureSpec | None, legacy: dict) -> MixtureSpec:
+    """The spec of a call: `spec`, or one built from the deprecated keyword form
+    (`op(..., k=2, selection=...)`, kept for one release with a `DeprecationWarning`)."""
+    if not legacy:
+        if spec is None:
+            raise TypeError(f"{op}() needs a MixtureSpec: {op}(..., MixtureSpec(k=2, ...))")
+        return spec
+    unknown = sorted(set(legacy) - set(MixtureSpec.field_names()))
+    if unknown:
+        raise TypeError(f"{op}() got unexpected keyword argument(s) {unknown}")
+    if spec is not None:
+        raise TypeError(
+            f"{op}() takes a MixtureSpec or the old keywords, not both: {sorted(legacy)}"
+        )
+    warnings.warn(
+        f"{op}(..., k=..., selection=..., ...) is deprecated and will be removed in the next "
+        f"release; pass a MixtureSpec: {op}(..., MixtureSpec(k=..., selection=...))",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return MixtureSpec(**legacy)
