@@ -79,6 +79,31 @@ def summarize(records: list[dict], samples: int) -> dict[str, float]:
     }
 
 
+def _generate_and_score(engine, config: Config, items: list, prompts: list, show: bool):
+    """`(records, generated tokens)`: `eval_samples` completions per item, scored, in
+    batches of `eval_batch_size` items, each seeded by its batch index."""
+    samples, batch_size = config.eval_samples, config.eval_batch_size
+    bar = tqdm(total=len(items) * samples, desc="evaluate", unit="completion", disable=not show)
+    records: list[dict] = []
+    tokens = 0
+    for batch, first in enumerate(range(0, len(items), batch_size)):
+        chunk = items[first : first + batch_size]
+        rollout = engine.generate(
+            [p.ids for p in prompts[first : first + batch_size]],
+            config.spec,
+            group_size=samples,
+            seed=derived_seed(config.seed, "eval", batch),
+            max_new_tokens=config.max_new_tokens,
+        )
+        expanded = [item for item in chunk for _ in range(samples)]
+        results = score_items(rollout.texts, expanded, weights=config.reward_weights())
+        records += _records(chunk, rollout, results, samples, config.eval_save_completions)
+        tokens += rollout.num_tokens
+        bar.update(len(results))
+    bar.close()
+    return records, tokens
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
@@ -107,7 +132,7 @@ def evaluate(
     items = list(items)
     if not items:
         raise ValueError("nothing to evaluate: no items (raise eval_questions or heldout_fraction)")
-    samples, batch_size = config.eval_samples, config.eval_batch_size
+    samples = config.eval_samples
     if engine is None:
         engine = RolloutEngine(
             model, tokenizer, max_new_tokens=config.max_new_tokens, think_end=THINK_END
@@ -119,24 +144,8 @@ def evaluate(
         max_prompt_tokens=config.max_prompt_tokens,
     )
     show = config.progress if progress is None else progress
-    bar = tqdm(total=len(items) * samples, desc="evaluate", unit="completion", disable=not show)
-    records: list[dict] = []
-    tokens, start = 0, time.perf_counter()
-    for batch, first in enumerate(range(0, len(items), batch_size)):
-        chunk = items[first : first + batch_size]
-        rollout = engine.generate(
-            [p.ids for p in prompts[first : first + batch_size]],
-            config.spec,
-            group_size=samples,
-            seed=derived_seed(config.seed, "eval", batch),
-            max_new_tokens=config.max_new_tokens,
-        )
-        expanded = [item for item in chunk for _ in range(samples)]
-        results = score_items(rollout.texts, expanded, weights=config.reward_weights())
-        records += _records(chunk, rollout, results, samples, config.eval_save_completions)
-        tokens += int(rollout.lengths.sum())
-        bar.update(len(results))
-    bar.close()
+    start = time.perf_counter()
+    records, tokens = _generate_and_score(engine, config, items, prompts, show)
     elapsed = time.perf_counter() - start
     tasks = list(dict.fromkeys(item.task for item in items))
     result: dict[str, Any] = {

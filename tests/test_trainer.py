@@ -12,7 +12,7 @@ import torch
 
 from motg_fast.checkpoint import CheckpointError, list_checkpoints
 from motg_fast.config import Config
-from motg_fast.trainer import Trainer, safe_rewards
+from motg_fast.trainer import Trainer, make_accelerator, safe_rewards
 from tiny_models import tiny_qwen2, tiny_tokenizer
 from toy_task import ToyTasks, letter_reward
 
@@ -177,6 +177,32 @@ def test_reward_function_that_raises_never_kills_training(tmp_path):
 def test_bad_config_fails_at_start(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         _trainer(_config(tmp_path, **changes))
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda:1", "CUDA_VISIBLE_DEVICES"),
+        ("foo", "unknown device 'foo'"),
+        ("cuda", "CUDA is not available"),
+    ],
+)
+def test_training_device_is_honoured_or_refused(device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match=message):
+        make_accelerator(device)
+    assert make_accelerator("cpu").device.type == "cpu"
+
+
+def test_without_progress_bar_every_log_every_th_step_prints_a_line(tmp_path, capsys):
+    config = _config(
+        tmp_path, steps=3, log_every=2, group_size=2, prompts_per_step=1, max_new_tokens=4
+    )
+    _trainer(config).train()
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    assert len(lines) == 1 and lines[0].startswith("step 2/3: reward ")
+    assert "tokens/s" in lines[0]
 
 
 def test_resume_from_missing_or_corrupt_directory(tmp_path):
