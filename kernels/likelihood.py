@@ -100,12 +100,19 @@ def check_action_args(
             f"token_slot {tuple(token_slot.shape)} must have the leading shape of logprobs "
             f"{tuple(logprobs.shape)}"
         )
-    k = logprobs.shape[-1]
-    if token_slot.numel() and (int(token_slot.min()) < 0 or int(token_slot.max()) >= k):
-        raise ValueError(f"token_slot must lie in [0, {k})")
     devices = {logprobs.device, weights.device, mask.device, token_slot.device}
     if len(devices) > 1:
         raise ValueError(f"action tensors must share one device, got {sorted(map(str, devices))}")
+    k = logprobs.shape[-1]
+    if token_slot.numel():
+        slot = token_slot.long()
+        at_slot = mask.gather(-1, slot.clamp(0, k - 1).unsqueeze(-1))
+        checks = torch.stack([((slot < 0) | (slot >= k)).any(), ~at_slot.all()])
+        out_of_range, masked = checks.tolist()  # one host sync
+        if out_of_range:
+            raise ValueError(f"token_slot must lie in [0, {k})")
+        if masked:
+            raise ValueError("token_slot points at a masked slot: the token must be a valid slot")
 
 
 def action_logprob(

@@ -89,6 +89,11 @@ def check_logprobs_args(
         )
     check_positive("temperature", temperature)
     check_same_device(hidden=hidden, lm_head_weight=lm_head_weight, ids=ids)
+    if hidden.dtype != lm_head_weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise TypeError(
+            f"mixture_logprobs: hidden ({hidden.dtype}) and lm_head_weight "
+            f"({lm_head_weight.dtype}) must share one dtype (or run under torch.autocast)"
+        )
 
 
 # ---------------------------------------------------------------------------------------

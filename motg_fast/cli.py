@@ -119,6 +119,15 @@ def parse_config(
     return config
 
 
+def quiet_transformers() -> None:
+    """No per-run noise from transformers on the command line: its progress bars (weights
+    loading, shard writing) and info logs off; warnings and errors still show."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_warning()
+
+
 def run_cli(
     main: Callable[[Sequence[str] | None], Any],
     argv: Sequence[str] | None = None,
@@ -128,13 +137,15 @@ def run_cli(
 
     Anything else propagates with its traceback (a bug, not a user error).
     """
+    quiet_transformers()
     try:
         main(argv)
     except expected as err:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        hint = f": {interrupt}" if str(interrupt) else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import typing
 from dataclasses import asdict, dataclass, field
@@ -138,6 +139,9 @@ class Config:
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted; 0 keeps all)")
     eval_every: int = _f(0, "held-out evaluation every N steps (0: never)")
     resume: bool = _f(False, "resume from the latest checkpoint in run_dir")
+    overwrite: bool = _f(
+        False, "start over in a run_dir that holds a previous run (deletes its outputs)"
+    )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory)")
     log_every: int = _f(1, "without the progress bar, print a metrics line every N steps")
     progress: bool = _f(True, "show progress bars")
@@ -194,6 +198,13 @@ class Config:
         for name in ("weight_decay", "beta", "eps_low", "eps_high"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2 for GRPO, got {self.group_size}: advantages compare "
+                "the trajectories of one prompt, so a group of one never learns"
+            )
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: choose one")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -216,6 +227,16 @@ class Config:
             think=self.reward_think,
             format=self.reward_format,
             partial_credit=self.reward_partial_credit,
+        )
+
+    def experiment_changes(self, saved: dict[str, Any]) -> list[str]:
+        """Fields whose value differs from a saved config's and that alter the experiment
+        (anything outside :data:`RESUMABLE_CHANGES`); a resume refuses them."""
+        current = self.to_dict()
+        return sorted(
+            name
+            for name, value in saved.items()
+            if name in current and name not in RESUMABLE_CHANGES and current[name] != value
         )
 
     @property
@@ -251,7 +272,9 @@ class Config:
         if path.suffix != ".json":
             path = path / "config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json() + "\n")
+        os.replace(tmp, path)  # atomic: a kill never leaves half a config
         return path
 
     @classmethod
@@ -297,6 +320,33 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
     return values
+
+
+# Fields a resumed run may change: its length, evaluation and checkpoint cadence, outputs,
+# progress display, device placement and memory knobs (micro-batches, activation
+# checkpointing, attention kernel) — none changes what is trained or how it is sampled.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps",
+        "eval_every",
+        "eval_questions",
+        "eval_samples",
+        "eval_batch_size",
+        "eval_output",
+        "eval_save_completions",
+        "save_every",
+        "keep_checkpoints",
+        "resume",
+        "overwrite",
+        "progress",
+        "log_every",
+        "run_dir",
+        "device",
+        "attn_implementation",
+        "grad_accum",
+        "gradient_checkpointing",
+    }
+)
 
 
 def _positive_ints(config: Config, *names: str) -> None:

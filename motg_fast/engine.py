@@ -215,6 +215,18 @@ class _Step:
 # --------------------------------------------------------------------------------------
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward keyword that takes the KV cache: `cache` (transformers >= 5.24) or
+    `past_key_values` (earlier), read from the first transformers model inside `model`."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            params = inspect.signature(module.forward).parameters
+            return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values"
+
+
 def _as_id_list(value) -> list[int]:
     if value is None:
         return []
@@ -280,6 +292,7 @@ class RolloutEngine:
         self.backend = backend
         self.pad_token_id = self._resolve_pad()
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_kwarg = _cache_argument(model)
         self._matcher: MarkerMatcher | None = None
 
     # ---- construction helpers ---------------------------------------------------------
@@ -454,7 +467,7 @@ class RolloutEngine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
+            **{self._cache_kwarg: cache},
             use_cache=True,
             **extra,
         )
@@ -566,7 +579,7 @@ class RolloutEngine:
             inputs_embeds=embeds.unsqueeze(1),
             attention_mask=self._decode_mask(active, cache.length + 1),
             position_ids=active.position.unsqueeze(1),
-            past_key_values=cache,
+            **{self._cache_kwarg: cache},
             use_cache=True,
         )
         active.position = active.position + 1

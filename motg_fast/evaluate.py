@@ -19,7 +19,9 @@ as JSON to ``eval_output`` (default ``<run_dir>/eval.json``).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -199,10 +201,26 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join([line(table[0]), rule, *(line(r) for r in table[1:])])
 
 
+def check_writable(path: Path) -> None:
+    """One-line `ValueError` unless `path` can be written (its folder is created)."""
+    if path.is_dir():
+        raise ValueError(f"--eval_output {path} is a directory; name a .json file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"--eval_output {path} cannot be written ({err.strerror or err})"
+        ) from None
+
+
 def write_result(result: dict[str, Any], path: Path) -> Path:
-    """Write the evaluation JSON (creating its directory)."""
+    """Write the evaluation JSON atomically (creating its directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -215,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         argv, prog="python -m motg_fast.evaluate", description=__doc__.split("\n\n")[0]
     )
     config.validate(training=False)
+    output = config.eval_output_path()
+    check_writable(output)
     task_set = build_tasks(
         config.tasks,
         config.task_options,
@@ -243,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     result = evaluate(model, tokenizer, config, items)
     result = {"model": config.model, "decoding": mode, **result, "config": config.to_dict()}
-    path = write_result(result, config.eval_output_path())
-    print(format_table(result))
+    print(format_table(result), flush=True)
+    path = write_result(result, output)
     print(
         f"{result['time_s']:.1f} s, {result['tokens_per_s']:.1f} tokens/s; wrote {path}",
         file=sys.stderr,

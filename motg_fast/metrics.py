@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -31,25 +33,43 @@ PLOTTED = (
 
 
 class MetricsLog:
-    """Append-only `metrics.jsonl`; on resume, lines after the resumed step are dropped."""
+    """Append-only `metrics.jsonl`; on resume, lines after the resumed step are dropped.
 
-    def __init__(self, path: Path, *, resume_step: int | None = None) -> None:
+    Crash-safe: a line is appended in one write, a resumed log is rewritten atomically
+    (a temporary file renamed over it), and a torn last line (a kill mid-write) is dropped
+    with one warning when the log is read.
+    """
+
+    def __init__(self, path: Path, *, resume_step: int = 0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        else:
-            kept = [r for r in self.read() if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in self.read() if r.get("step", 0) <= resume_step] if resume_step else []
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
     def read(self) -> list[dict]:
+        """The records on disk (a torn last line is dropped with a warning)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number < len(lines):
+                    raise ValueError(
+                        f"{self.path} line {number} is not valid JSON: {err}"
+                    ) from None
+                print(f"warning: dropping a torn last line of {self.path}", file=sys.stderr)
+        return records
 
 
 def token_statistics(traj: Trajectories) -> dict[str, float]:

@@ -19,7 +19,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -120,6 +122,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
     Raises :class:`ModelLoadError` for a name that is neither an existing path nor a hub id.
     """
+    if not name_or_path or not name_or_path.strip():
+        raise ModelLoadError("--model is empty: name a model, a directory or a run directory")
     if name_or_path == DEFAULT_MODEL:
         return str(default_model_dir())
     path = Path(name_or_path).expanduser()
@@ -138,16 +142,17 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _model_dir_of(path: Path) -> Path:
-    """The model folder of a directory: itself, a checkpoint's ``model/``, or a run's latest."""
-    if (path / "config.json").exists():
-        return path
+    """The model folder of a directory: a run's latest complete checkpoint (a run directory
+    also holds the run's own ``config.json``), a checkpoint's ``model/``, or itself."""
     from .checkpoint import MODEL_DIR, list_checkpoints
 
-    if (path / MODEL_DIR / "config.json").exists():
-        return path / MODEL_DIR
     checkpoints = list_checkpoints(path)
     if checkpoints:
         return checkpoints[-1] / MODEL_DIR
+    if (path / MODEL_DIR / "config.json").exists():
+        return path / MODEL_DIR
+    if (path / "checkpoints").is_dir():
+        raise ModelLoadError(f"run directory {str(path)!r} holds no complete checkpoint yet")
     return path
 
 
@@ -165,7 +170,7 @@ def _from_pretrained(loader, target: str, original: str, **kwargs):
             raise ModelLoadError(
                 f"cannot load {original!r} from {target!r}: {_first_line(err)}"
             ) from None
-        if _hub_offline():
+        if _hub_offline() or not _hub_reachable():
             raise ModelLoadError(_not_cached(original)) from None
     try:
         return loader.from_pretrained(target, **kwargs)
@@ -180,6 +185,18 @@ def _first_line(err: BaseException) -> str:
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a connection within `timeout` seconds (so a
+    machine without network fails at once instead of after transformers' retries)."""
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _not_cached(original: str) -> str:

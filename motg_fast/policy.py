@@ -117,7 +117,7 @@ def action_loglik(
     mixture_lp = action_logprob(
         safe_lp,
         traj.weights.to(logprobs.dtype),
-        traj.mask & (is_mixture | first_slot),
+        (traj.mask & is_mixture) | first_slot,  # padding too: slot 0, replaced below
         torch.where(traj.phase == Phase.MIXTURE, traj.token_slot, 0),
         spec,
         likelihood=likelihood,

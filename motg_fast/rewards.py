@@ -4,7 +4,8 @@ The completion is the model's text after the prompt's ``<think>``. For each comp
 
 - ``answer``: the text inside the last ``<answer>…</answer>`` (stripped), ``None`` if there is none;
 - ``score``: the dataset's ``score_answer(answer, entry)`` clipped to [0, 1]; a missing answer, a
-  scorer that raises, or a non-finite score gives 0 (a reward never crashes training);
+  scorer that raises, or a non-finite score gives 0 (a reward never crashes training); a
+  scorer that raises is reported in ``scorer_error`` (the trainer counts and reports these);
 - ``correct``: ``score == 1`` (what accuracy counts);
 - ``think_closed``: the completion holds exactly one ``</think>``;
 - ``answer_format``: after that ``</think>`` comes exactly one ``<answer>…</answer>`` and nothing
@@ -57,6 +58,7 @@ class RewardResult:
     think_closed: bool
     answer_format: bool
     answer: str | None
+    scorer_error: str | None = None  # "ValueError: …" when score_answer raised
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -84,15 +86,23 @@ def answer_format_ok(completion: str) -> bool:
 
 def safe_score(score_answer: ScoreFn, answer: str | None, entry: dict) -> float:
     """``score_answer(answer, entry)`` clipped to [0, 1]; 0 for no answer, an error or NaN."""
+    return checked_score(score_answer, answer, entry)[0]
+
+
+def checked_score(
+    score_answer: ScoreFn, answer: str | None, entry: dict
+) -> tuple[float, str | None]:
+    """``(score, error)``: the score of :func:`safe_score`, and ``"Type: message"`` when the
+    scorer raised (else None)."""
     if answer is None:
-        return 0.0
+        return 0.0, None
     try:
         value = float(score_answer(answer, entry))
-    except Exception:  # noqa: BLE001 - some Reasoning Gym scorers raise on malformed text
-        return 0.0
+    except Exception as err:  # noqa: BLE001 - some Reasoning Gym scorers raise on malformed text
+        return 0.0, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
     if not math.isfinite(value):
-        return 0.0
-    return min(max(value, 0.0), 1.0)
+        return 0.0, None
+    return min(max(value, 0.0), 1.0), None
 
 
 def score_completion(
@@ -100,7 +110,7 @@ def score_completion(
 ) -> RewardResult:
     """Score one completion against a Reasoning Gym ``entry`` (see the module docstring)."""
     answer = extract_answer(completion)
-    score = safe_score(score_answer, answer, entry)
+    score, error = checked_score(score_answer, answer, entry)
     correct = score >= 1.0
     closed = think_closed(completion)
     formatted = answer_format_ok(completion)
@@ -108,7 +118,7 @@ def score_completion(
     reward = (
         weights.correctness * credit + weights.think * float(closed) + weights.format * formatted
     )
-    return RewardResult(reward, score, correct, closed, formatted, answer)
+    return RewardResult(reward, score, correct, closed, formatted, answer, error)
 
 
 def score_completions(

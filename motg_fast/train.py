@@ -11,11 +11,17 @@ Every run writes `config.json`, `metrics.jsonl`, `plots/*.png` and checkpoints u
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 
 from .checkpoint import CheckpointError
 from .cli import parse_config, run_cli
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM ends a run as Ctrl-C does: a checkpoint write in progress is cleaned up."""
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -26,7 +32,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         argv, prog="python -m motg_fast.train", description=__doc__.split("\n\n")[0]
     )
     trainer = Trainer(config)
-    records = trainer.train()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        records = trainer.train()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"continue from the last checkpoint with --run_dir {config.run_dir} --resume"
+        ) from None
     if trainer.accelerator.is_main_process and records:
         last = records[-1]
         print(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,16 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import LoadedCheckpoint, latest_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (
+    LoadedCheckpoint,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    prepare_run_dir,
+    remove_stale_writes,
+    save_checkpoint,
+    set_rng_state,
+)
 from .engine import RolloutEngine
 from .grpo import group_advantages, grpo_loss, masked_mean
 from .metrics import MetricsLog, plot_metrics, token_statistics
@@ -40,7 +50,8 @@ from .rewards import RewardWeights, score_items
 from .seeding import derived_seed
 from .types import Phase, Trajectories
 
-RewardFn = Callable[[list[str], list], tuple[list[float], list[float]]]
+# (completions, items) -> (rewards, correct) or (rewards, correct, failures reported)
+RewardFn = Callable[[list[str], list], tuple]
 
 
 class PolicyScorer(torch.nn.Module):
@@ -71,25 +82,37 @@ def format_record(record: dict, steps: int) -> str:
 
 
 def reasoning_gym_reward(task_set, weights: RewardWeights) -> RewardFn:
-    """Reward function over (completions, items): shaped reward and correctness (0/1)."""
+    """Reward function over (completions, items): shaped reward, correctness (0/1) and the
+    number of answers whose Reasoning Gym scorer raised (scored 0, reported in one line)."""
 
-    def reward(completions: list[str], items: list) -> tuple[list[float], list[float]]:
+    def reward(completions: list[str], items: list) -> tuple[list[float], list[float], int]:
         results = score_items(completions, items, task_set, weights)
-        return [r.reward for r in results], [float(r.correct) for r in results]
+        errors = [(item.task, r.scorer_error) for item, r in zip(items, results) if r.scorer_error]
+        if errors:
+            task, error = errors[0]
+            tqdm.write(
+                f"warning: {len(errors)} answer(s) made a Reasoning Gym scorer raise, scored 0 "
+                f"(first: {task}: {error})"
+            )
+        return [r.reward for r in results], [float(r.correct) for r in results], len(errors)
 
     return reward
 
 
 def safe_rewards(reward_fn: RewardFn, completions: list[str], items: list):
-    """Rewards that never kill training: a raising or malformed reward scores 0 (and says so)."""
+    """Rewards that never kill training: a raising or malformed reward scores 0 (and says so).
+
+    Returns `(rewards, correct, failures)`; a reward function may report failures of its own
+    (e.g. scorers that raised) as a third return value, which are added to `failures`.
+    """
     try:
-        rewards, correct = reward_fn(completions, items)
+        rewards, correct, *reported = reward_fn(completions, items)
         rewards = [float(r) for r in rewards]
         correct = [float(c) for c in correct]
         if len(rewards) != len(completions) or len(correct) != len(completions):
             raise ValueError("reward function returned the wrong number of values")
         clean = [r if r == r and abs(r) != float("inf") else 0.0 for r in rewards]
-        return clean, correct, 0
+        return clean, correct, int(reported[0]) if reported else 0
     except Exception as exc:  # noqa: BLE001 - a broken reward must never end a run
         tqdm.write(f"warning: reward function raised {type(exc).__name__}: {exc}; scoring 0")
         return [0.0] * len(completions), [0.0] * len(completions), 1
@@ -140,10 +163,14 @@ class Trainer:
         config.validate()
         self.config = config
         self.run_dir = Path(config.run_dir)
-        self.resumed: LoadedCheckpoint | None = (
-            latest_checkpoint(self.run_dir) if config.resume else None
-        )
         self.accelerator = accelerator or make_accelerator(config.device)
+        prepare_run_dir(
+            self.run_dir,
+            resume=config.resume,
+            overwrite=config.overwrite,
+            main=self.accelerator.is_main_process,
+        )
+        self.resumed = self._resumed_checkpoint()
         self.rank = self.accelerator.process_index
         self.model, self.tokenizer = self._load_policy(model, tokenizer)
         self.ref_model = self._reference_model() if config.beta > 0 else None
@@ -170,6 +197,8 @@ class Trainer:
         self.reward_failures = 0
         if self.resumed is not None:
             self._restore(self.resumed)
+        if self.accelerator.is_main_process:
+            remove_stale_writes(self.run_dir)
         self.metrics = (
             MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.start_step)
             if self.accelerator.is_main_process
@@ -229,11 +258,32 @@ class Trainer:
             heldout_fraction=c.heldout_fraction,
         )
 
+    def _resumed_checkpoint(self) -> LoadedCheckpoint | None:
+        """The checkpoint to resume from (None for a new run); refuses a config that changes
+        the experiment, naming the fields, before anything is loaded."""
+        if not self.config.resume:
+            return None
+        ckpt = latest_checkpoint(self.run_dir)
+        changed = self.config.experiment_changes(ckpt.state.get("config", {}))
+        if changed:
+            saved = ckpt.state["config"]
+            listing = ", ".join(f"{name} ({saved[name]!r} in the run)" for name in changed)
+            raise ValueError(
+                f"cannot resume {self.run_dir} with a changed experiment: {listing}; "
+                "resume with the run's values, or start a new run in another --run_dir"
+            )
+        return ckpt
+
     def _restore(self, ckpt: LoadedCheckpoint) -> None:
         self.optimizer.load_state_dict(ckpt.state["optimizer"])
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         set_rng_state(ckpt.state["rng"])
         self.start_step = ckpt.step
+        self.reward_failures = int(ckpt.state.get("reward_failures", 0))
+        if self.accelerator.is_main_process:  # newer checkpoints were damaged: drop them
+            for path in list_checkpoints(self.run_dir):
+                if path != ckpt.path and checkpoint_step(path) > ckpt.step:
+                    shutil.rmtree(path, ignore_errors=True)
 
     # ----------------------------------------------------------------- one step
     @torch.no_grad()
@@ -427,6 +477,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "config": self.config.to_dict(),
+                "reward_failures": self.reward_failures,
             }
             path = save_checkpoint(
                 self.run_dir,

@@ -13,7 +13,7 @@ from motg_fast.config import PRESETS, Config
 from motg_fast.evaluate import evaluate, format_table, main, summarize
 from motg_fast.kernels import MixtureSpec
 from motg_fast.tasks import build_tasks
-from tests.tiny_models import tiny_qwen2, tiny_tokenizer
+from tiny_models import tiny_qwen2, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = [

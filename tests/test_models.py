@@ -16,7 +16,7 @@ from motg_fast.models import (
     resolve_dtype,
     resolve_model_path,
 )
-from tests.tiny_models import tiny_llama, tiny_tokenizer
+from tiny_models import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture

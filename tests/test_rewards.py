@@ -21,7 +21,7 @@ from motg_fast.rewards import (
     think_closed,
 )
 from motg_fast.tasks import PAPER_TASKS, build_tasks
-from tests.tiny_models import tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 NONE_ANSWER_TASKS = ("graph_color", "propositional_logic", "rubiks_cube")
 REFERENCE_KEYS = ("possible_answer", "example_answer", "example_correct_answer")
@@ -136,7 +136,16 @@ def test_reward_weights_and_partial_credit():
     custom = RewardWeights(correctness=1.0, think=0.1, format=0.0, partial_credit=False)
     assert score_completion(text, entry, partial, custom).reward == pytest.approx(0.1)
     as_dict = paper.to_dict()
-    assert set(as_dict) == {"reward", "score", "correct", "think_closed", "answer_format", "answer"}
+    assert set(as_dict) == {
+        "reward",
+        "score",
+        "correct",
+        "think_closed",
+        "answer_format",
+        "answer",
+        "scorer_error",
+    }
+    assert as_dict["scorer_error"] is None
 
 
 # --------------------------------------------------------------------------- prompting
