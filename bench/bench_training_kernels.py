@@ -1,12 +1,17 @@
-"""Training kernels, forward + backward: fused Triton vs the eager reference vs torch.compile.
+"""Training kernels, forward + backward: fused Triton vs chunked torch GEMMs vs the eager
+reference vs torch.compile.
 
     pytest bench/bench_training_kernels.py --benchmark-only
+    MOTG_BENCH_ROUNDS=3 pytest bench/bench_training_kernels.py --benchmark-only -k "8192"
 
 CUDA: Qwen2.5-1.5B shapes (V = 151936, H = 1536), N ∈ {2048, 8192, 16384} positions, k = 2,
 bf16; implementations `triton` (the fused kernels; `triton_det` is `mixture_embed`'s
-deterministic mode), `eager` (the `*_ref` twins, which materialise `[N,V]` logits) and
-`compiled` (`torch.compile` of the same reference). CPU: small shapes, eager and compiled only
-(the Triton interpreter measures nothing useful).
+deterministic mode), `chunked` (`mixture_logprobs(backend="chunked")`: the same math with the
+GEMMs in cuBLAS, in chunks that never hold `[N,V]`), `eager` (the `*_ref` twins, which
+materialise `[N,V]` logits) and `compiled` (`torch.compile` of the same reference). CPU:
+small shapes; eager, compiled and chunked (plain torch) only (the Triton interpreter measures
+nothing useful). Parametrisation ids are `[impl-N]`, so `-k` selects implementations and
+sizes; `MOTG_BENCH_ROUNDS` overrides the timed rounds (default 10 on CUDA, 20 on CPU).
 
 Each timed call runs forward and backward and synchronises the device; a warm-up call first
 compiles/autotunes outside the timing. `benchmark.extra_info` records:
@@ -17,6 +22,8 @@ compiles/autotunes outside the timing. `benchmark.extra_info` records:
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -34,13 +41,14 @@ K = 2
 if CUDA:
     VOCAB, HIDDEN, DTYPE, ROUNDS = 151936, 1536, torch.bfloat16, 10
     POSITIONS = [2048, 8192, 16384]
-    LOGPROB_IMPLS = ["triton", "eager", "compiled"]
+    LOGPROB_IMPLS = ["triton", "chunked", "eager", "compiled"]
     EMBED_IMPLS = ["triton", "triton_det", "eager", "compiled"]
 else:
     VOCAB, HIDDEN, DTYPE, ROUNDS = 4096, 256, torch.float32, 20
     POSITIONS = [64, 256]
-    LOGPROB_IMPLS = ["eager", "compiled"]
+    LOGPROB_IMPLS = ["eager", "compiled", "chunked"]
     EMBED_IMPLS = ["eager", "compiled"]
+ROUNDS = int(os.environ.get("MOTG_BENCH_ROUNDS", ROUNDS))
 
 
 def sync() -> None:
@@ -58,8 +66,8 @@ def compiled(fn):
 
 def logprobs_fn(impl: str):
     """`(hidden [N,H], weight [V,H], ids [N,k]) → (logprobs, lse)` for one implementation."""
-    if impl == "triton":
-        return lambda h, w, ids: mixture_logprobs(h, w, ids, temperature=0.9, backend="triton")
+    if impl in ("triton", "chunked"):
+        return lambda h, w, ids: mixture_logprobs(h, w, ids, temperature=0.9, backend=impl)
     reference = lambda h, w, ids: mixture_logprobs_ref(h, w, ids, 0.9)
     return compiled(reference) if impl == "compiled" else reference
 

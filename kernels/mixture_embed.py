@@ -7,11 +7,18 @@ the case `w = [1, 0, …]`, exactly an embedding lookup) and `dw_nj = <de_n, E[i
 Shapes: leading dimensions are free: ids and weights `[..., k]` give `[..., H]`, in the
 embedding's dtype; accumulation in float32 (float64 for float64 inputs).
 
+Zero-weight slots (k − 1 of the k slots at every discrete position: prompt, answer, k = 1
+decoding) add exactly 0, so the Triton path skips them everywhere: the forward does not
+read their rows, neither backward mode adds them to `dE` (no atomic, no sorted slot). They
+still get their `dw_nj = <de_n, E[ids_nj]>`. So an inf/NaN in such a row of `E`, or in `de`,
+does not leak through a zero weight (the reference computes `0 · inf = NaN` there).
+
 Triton path (bf16/fp16/fp32; float64 inputs always run the reference):
-- forward: one program per (position, block of H) loads the k rows `E[ids_n]` and sums them
-  weighted, in float32.
+- forward: one program per (position, block of H) loads the rows `E[ids_nj]` of the slots
+  with `w_nj ≠ 0` and sums them weighted, in float32.
 - backward, `deterministic=False` (default): one program per position computes `dw_n` and
-  scatters `w_nj · de_n` into `dE` with float32 atomics. Fast, but the summation order of a
+  scatters `w_nj · de_n` into `dE` with float32 atomics, for `w_nj ≠ 0` only (the mask
+  leaves the zero-weight slots' lanes idle). Fast, but the summation order of a
   row shared by several positions varies from run to run (last-bit differences). A bf16/fp16
   embedding needs a float32 `[V,H]` accumulator for the atomics, cast to the embedding dtype
   at the end.
@@ -90,9 +97,10 @@ def _embed_fwd_kernel(
     h_mask = offs_h < H
     ids = tl.load(ids_ptr + row * k + offs_k, mask=k_mask, other=0).to(tl.int64)
     w = tl.load(w_ptr + row * k + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    live = k_mask & (w != 0.0)  # a zero-weight slot adds exactly 0: its row is never read
     rows = tl.load(
         emb_ptr + ids[:, None] * stride_emb + offs_h[None, :],
-        mask=k_mask[:, None] & h_mask[None, :],
+        mask=live[:, None] & h_mask[None, :],
         other=0.0,
     ).to(tl.float32)
     mixed = tl.sum(w[:, None] * rows, axis=0)
@@ -123,6 +131,7 @@ def _embed_bwd_rows_kernel(
     k_mask = offs_k < k
     ids = tl.load(ids_ptr + row * k + offs_k, mask=k_mask, other=0).to(tl.int64)
     w = tl.load(w_ptr + row * k + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    live = k_mask & (w != 0.0)  # slots that scatter: a zero weight adds exactly 0 to dE
     dw = tl.zeros([BLOCK_K], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -138,7 +147,7 @@ def _embed_bwd_rows_kernel(
             tl.atomic_add(
                 de_acc_ptr + ids[:, None] * H + offs_h[None, :],
                 w[:, None] * de[None, :],
-                mask=tile_mask,
+                mask=live[:, None] & h_mask[None, :],
                 sem="relaxed",
             )
     if COMPUTE_DW:

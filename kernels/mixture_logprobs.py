@@ -7,24 +7,27 @@ Backward (upstream grads `g [N,k]` on logprobs, `g_lse [N]` on lse, `g_ent [N]` 
 `∂/∂z_nv = (1/τ)(Σ_j g_nj [v = ids_nj] − (Σ_j g_nj − g_lse_n) · p_nv
 − g_ent_n · p_nv (log p_nv + ent_n))`, then `dh = dz W`, `dW = dzᵀ h`.
 
-The reference materialises `[N,V]` logits (the eager baseline); the fused path streams the
-vocabulary in chunks and never holds `[N,V]`.
+Three paths (`backend=`), same outputs and gradients. The reference materialises `[N,V]`
+logits (the eager baseline); the Triton and chunked paths never hold `[N,V]`.
 
 Shapes: hidden `[..., H]`, ids `[..., k]` → logprobs `[..., k]`, logsumexp `[...]`, both
-float32 (float64 for float64 inputs). The reference computes the logits in the inputs'
-dtype, as an eager LM head would, then normalises them in float32; the Triton path keeps
-each logits tile in float32 (accumulated in float32, never rounded to a 16-bit input dtype),
-so for bf16/fp16 inputs the two paths differ by that rounding.
+float32 (float64 for float64 inputs). The reference and the chunked path compute the logits
+in the inputs' dtype, as an eager LM head would, then normalise them in float32; the Triton
+path keeps each logits tile in float32 (accumulated in float32, never rounded to a 16-bit
+input dtype), so for bf16/fp16 inputs the paths differ by that rounding.
 
-Triton path (bf16/fp16/fp32 with hidden and weight of one dtype, both cast to the autocast
-dtype inside `torch.autocast` as `F.linear` would be; float64 inputs always run the
-reference):
+Triton path (`"triton"`, the default for CUDA tensors; bf16/fp16/fp32 with hidden and weight
+of one dtype; float64 inputs always run the reference):
 - forward: programs tile `(BLOCK_N rows) × (a split of the vocabulary)`; each streams its
   split in `BLOCK_V` columns, computes the logits tile with `tl.dot` over `BLOCK_H` slices
   of H (float32 accumulation, logits kept in float32, not rounded to the input dtype), and
   keeps an online softmax state (`_online_softmax.py`: running max `m`, `Σ e^{x−m}`,
-  `Σ e^{x−m}(x−m)` for the entropy). A second kernel merges the splits per row and takes
-  the k logits at the ids as dot products `<h_n, W[ids_nj]>`. Memory: `3·splits·N` floats.
+  `Σ e^{x−m}(x−m)` for the entropy). The tile that holds an id also hands its scaled logit
+  to the output (one program owns each id), so the logits at the ids are the very numbers
+  the logsumexp was taken over: whatever the dot precision (TF32 or IEEE float32, see
+  below), `log p ≤ 0` up to float32 rounding of the logsumexp and the forward agrees with
+  the backward, which recomputes the same tiles. A second kernel merges the splits per row
+  and subtracts the logsumexp. Memory: `3·splits·N` floats.
 - backward: for each chunk of `C` vocabulary columns (`C` chosen so the chunk buffer holds
   about `DLOGITS_BUDGET_BYTES`), a kernel recomputes the logits tile by tile and writes
   `dz [N,C]` in the input dtype (as eager autograd rounds the logits' grad); then
@@ -32,13 +35,53 @@ reference):
   (a Triton matmul accumulating into a float32 `[N,H]` buffer). Extra memory: the `[N,C]`
   chunk and the `[N,H]` float32 accumulator. The logits are computed twice (forward and
   backward): four `N·V·H` matmuls in all against eager's three. No atomics: deterministic.
-With float32 inputs `tl.dot` uses TF32 exactly when `torch.backends.cuda.matmul.allow_tf32`
-is set, as torch's own matmuls do.
+With float32 inputs every `tl.dot` (forward tiles, backward tiles, the `dh` matmul) uses TF32
+exactly when `torch.backends.cuda.matmul.allow_tf32` is set, as torch's own matmuls do (the
+backward's `dW` matmul is torch's). The flag is read at each launch: a forward's logsumexp
+and logits at the ids share one precision by construction, and its backward uses the same
+one unless the flag is switched in between.
+
+Chunked path (`"chunked"`, plain torch: the GEMMs go to cuBLAS on CUDA, any device works):
+the forward takes `C` whole rows at a time (`[C,V]` logits in the input dtype by one GEMM,
+then float32: `logsumexp`, the log-probs at the ids gathered from the same float32 block,
+the entropy only when asked for); the backward takes `C` vocabulary columns at a time
+(`[N,C]` logits recomputed by one GEMM, `dz` in the input dtype, `dW[chunk] = dzᵀ h` by one
+GEMM straight into its rows, `dh += dz W[chunk]` into a float32 `[N,H]` buffer: on CUDA by
+a GEMM with a float32 output, elsewhere through the product rounded to the input dtype).
+The backward chunks columns rather than rows so that no `[V,H]` gradient is summed across
+chunks (a 16-bit sum would lose precision; a float32 one would cost a `[V,H]` buffer and
+its traffic per chunk). `C` makes each float32 block about `CHUNK_BUDGET_BYTES`; peak
+memory is a few such blocks. Deterministic where the GEMMs are. Same four `N·V·H` GEMMs as
+the Triton path, but each logits block makes round trips through memory (GEMM output,
+float32 copy, softmax passes) that the Triton kernels keep on chip.
+Why Triton stays the default on CUDA: its epilogue never writes logits to memory, where the
+chunked path moves every logits element through HBM several times (for N = 8192 and
+V = 151936 one float32 pass is 5 GB); cuBLAS's GEMMs are likely faster than these untuned
+`tl.dot` tiles. Which effect wins at the Qwen2.5-1.5B shapes has not been measured (no GPU
+was available): `bench/bench_training_kernels.py` times both (`scripts/gpu_check.sh` runs
+it); switch the default if the chunked path wins there.
+
+Autocast: under `torch.autocast` the Triton and chunked paths run hidden and weight in the
+autocast dtype, as `F.linear` would. The cast copy of a weight that is a leaf requiring
+grad (the trainable LM head) is cached: every call between two optimizer steps (micro-
+batches, the old-log-prob forward) reuses one copy, and the copy saved for backward is
+that same tensor, where a per-call `weight.to(dtype)` would make (and save) a new
+`[V,H]` copy each call (466 MB in bf16 for Qwen2.5-1.5B). torch's own autocast cache does
+not help here: it serves only autocast ops (`F.linear`, not `Tensor.to`) and is emptied
+when the outermost autocast region exits, once per micro-batch in a training loop. The
+cache entry is rebuilt when the weight's version counter, storage, shape or device
+changes and dropped after every `torch.optim` optimizer step (a global post-step hook:
+fused optimizers update in place without bumping the version) and when the weight is freed.
+A weight changed another way (through `.data` outside a torch optimizer) needs
+`clear_weight_cast_cache()`; `CACHE_WEIGHT_CASTS = False` turns the cache off.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._backend import device_guard, jit, resolve_backend, tl, triton_interpreter_on
 from ._launch import cdiv, next_pow2, sm_count
@@ -143,6 +186,31 @@ def _logits_tile(
 
 
 @jit
+def _store_at_ids(
+    # a tile of scaled logits x [BLOCK_N, BLOCK_V] (columns v0…), its rows and their mask
+    x,
+    ids_ptr,
+    out_ptr,
+    offs_n,
+    n_mask,
+    v0,
+    v_end,
+    K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Store `x[n, ids_nj − v0]` to `out[n, j]` for every id inside the tile's columns."""
+    offs_c = tl.arange(0, BLOCK_V)
+    for j in range(K):
+        id_j = tl.load(ids_ptr + offs_n * K + j, mask=n_mask, other=-1)
+        col = id_j - v0
+        inside = n_mask & (col >= 0) & (col < BLOCK_V) & (id_j < v_end)
+        if tl.max(inside.to(tl.int32), axis=0) > 0:  # most tiles hold none of the block's ids
+            hit = offs_c[None, :] == col[:, None]
+            x_j = tl.sum(tl.where(hit, x, 0.0), axis=1)
+            tl.store(out_ptr + offs_n * K + j, x_j, mask=inside)
+
+
+@jit
 def _logprobs_fwd_partial_kernel(
     # inputs: hidden [N,H], weight [V,H], 1/τ
     h_ptr,
@@ -153,12 +221,17 @@ def _logprobs_fwd_partial_kernel(
     V,
     H,
     inv_tau,
+    # ids [N,K]; output x [N,K] float32: the scaled logit at each id, written by the program
+    # whose split holds the id (from the very tile that enters the logsumexp)
+    ids_ptr,
+    x_ptr,
     # outputs, [splits, N] float32 each: running max m, Σ e^{x−m}, Σ e^{x−m}(x−m)
     m_ptr,
     s_ptr,
     t_ptr,
     # program (i, j) covers rows i·BLOCK_N… and vocabulary columns [j·span, (j+1)·span)
     span,
+    K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -196,6 +269,7 @@ def _logprobs_fwd_partial_kernel(
         x = tl.where(v_mask[None, :], logits * inv_tau, float("-inf"))
         tm, ts, tt = tile_stats(x, tl.max(x, axis=1), 1)
         m, s, t = combine_stats(m, s, t, tm, ts, tt)
+        _store_at_ids(x, ids_ptr, x_ptr, offs_n, n_mask, v0, v_end, K, BLOCK_V)
     out = split.to(tl.int64) * N + offs_n
     tl.store(m_ptr + out, m, mask=n_mask)
     tl.store(s_ptr + out, s, mask=n_mask)
@@ -209,23 +283,15 @@ def _logprobs_fwd_finalize_kernel(
     s_ptr,
     t_ptr,
     splits,
-    # inputs for the logits at the ids: hidden [N,H], weight [V,H], ids [N,k], 1/τ
-    h_ptr,
-    stride_h,
-    w_ptr,
-    stride_w,
-    ids_ptr,
     N,
-    H,
     k,
-    inv_tau,
-    # outputs (float32): logprobs [N,k], logsumexp [N], entropy [N]
+    # in: the scaled logits at the ids [N,k]; out: logprobs [N,k] (same buffer, float32)
     logp_ptr,
+    # outputs (float32): logsumexp [N], entropy [N]
     lse_ptr,
     ent_ptr,
     BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
@@ -237,22 +303,10 @@ def _logprobs_fwd_finalize_kernel(
     lse = m_max + tl.log(total)
     tl.store(lse_ptr + row, lse)
     tl.store(ent_ptr + row, tl.log(total) - centred / total)
-
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < k
-    ids = tl.load(ids_ptr + row * k + offs_k, mask=k_mask, other=0).to(tl.int64)
-    z = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        h = tl.load(h_ptr + row * stride_h + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-        w = tl.load(
-            w_ptr + ids[:, None] * stride_w + offs_h[None, :],
-            mask=k_mask[:, None] & h_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        z += tl.sum(w * h[None, :], axis=1)
-    tl.store(logp_ptr + row * k + offs_k, z * inv_tau - lse, mask=k_mask)
+    x = tl.load(logp_ptr + row * k + offs_k, mask=k_mask, other=0.0)
+    tl.store(logp_ptr + row * k + offs_k, x - lse, mask=k_mask)
 
 
 @jit
@@ -457,22 +511,27 @@ def _logprobs_forward(hidden, weight, ids, temperature):
     inputs = dict(h_ptr=hidden, stride_h=hidden.stride(0), w_ptr=weight, stride_w=weight.stride(0))
     states = dict(m_ptr=partial[0], s_ptr=partial[1], t_ptr=partial[2])
     _logprobs_fwd_partial_kernel[(n_blocks, splits)](
-        N=N, V=V, H=H, inv_tau=1.0 / temperature, span=span, **inputs, **states, **cfg
+        N=N,
+        V=V,
+        H=H,
+        inv_tau=1.0 / temperature,
+        ids_ptr=ids,
+        x_ptr=logp,
+        span=span,
+        K=k,
+        **inputs,
+        **states,
+        **cfg,
     )
     _logprobs_fwd_finalize_kernel[(N,)](
         splits=splits,
-        ids_ptr=ids,
         N=N,
-        H=H,
         k=k,
-        inv_tau=1.0 / temperature,
         logp_ptr=logp,
         lse_ptr=lse,
         ent_ptr=ent,
         BLOCK_S=next_pow2(splits),
         BLOCK_K=next_pow2(k),
-        BLOCK_H=min(next_pow2(H), 256),
-        **inputs,
         **states,
     )
     return logp, lse, ent
@@ -583,8 +642,216 @@ class MixtureLogprobsFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------
+# Chunked path: the GEMMs go to torch (cuBLAS on CUDA); plain torch, runs on any device
+# ---------------------------------------------------------------------------------------
+
+# Size of the chunked path's float32 logits block: [C, V] rows in the forward, [N, C]
+# columns in the backward (peak memory is a few times this: the GEMM output, its float32
+# copy and the softmax temporaries).
+CHUNK_BUDGET_BYTES = 256 * 2**20
+
+
+def _row_chunk(N: int, V: int) -> int:
+    """Rows per forward chunk: the float32 `[C, V]` block holds about CHUNK_BUDGET_BYTES."""
+    return max(1, min(N, CHUNK_BUDGET_BYTES // max(1, 4 * V)))
+
+
+def _column_chunk(N: int, V: int) -> int:
+    """Columns per backward chunk: the float32 `[N, C]` block holds about CHUNK_BUDGET_BYTES."""
+    return max(1, min(V, CHUNK_BUDGET_BYTES // max(1, 4 * N)))
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Scaled float32 logits `h Wᵀ/τ` of one chunk (`[n,H]`, `[c,H]` → `[n,c]`): the GEMM in
+    the inputs' dtype (as an eager LM head), then float32, as the reference."""
+    return (hidden @ weight.t()).float().div_(temperature)
+
+
+# torch >= 2.8 has GEMMs with a float32 output for 16-bit inputs (CUDA kernels only).
+_FP32_OUT_GEMM = "dtype" in torch.ops.aten.addmm.overloads()
+
+
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`acc + a @ b` for a float32 accumulator `[M,P]`: on CUDA with 16-bit `a [M,K]`,
+    `b [K,P]` one cuBLAS GEMM adds the float32 product (as the Triton path's dh matmul);
+    elsewhere the product is rounded to the inputs' dtype before the add."""
+    global _FP32_OUT_GEMM
+    if _FP32_OUT_GEMM and a.is_cuda and a.dtype != torch.float32:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+        except (NotImplementedError, TypeError):  # no such kernel in this build
+            _FP32_OUT_GEMM = False
+    return acc.add_(a @ b)
+
+
+def _chunked_forward(hidden, weight, ids, temperature, need_entropy):
+    """`(logprobs [N,k], logsumexp [N], entropy [N] or empty)`: whole rows, a chunk at a time."""
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    logp = torch.empty(N, ids.shape[1], dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    ent = torch.empty(N if need_entropy else 0, dtype=torch.float32, device=dev)
+    rows = _row_chunk(N, V)
+    for n0 in range(0, N, rows):
+        part = slice(n0, n0 + rows)
+        x = _chunk_logits(hidden[part], weight, temperature)  # [C,V]
+        lse[part] = torch.logsumexp(x, dim=-1)
+        x.sub_(lse[part, None])  # now log p: the logits at the ids and the lse share x
+        logp[part] = x.gather(1, ids[part])
+        if need_entropy:
+            ent[part] = -(x.exp() * x).sum(-1)
+        del x  # before the next chunk's GEMM allocates
+    return logp, lse, ent
+
+
+def _chunked_backward(saved, grads, temperature, need_hidden, need_weight, need_entropy):
+    """`(dh [N,H] or None, dW [V,H] or None)`, the vocabulary in column chunks: each chunk's
+    `dW` rows come from one GEMM (no cross-chunk accumulation of `[V,H]`), `dh` sums the
+    chunks' products in a float32 `[N,H]` buffer (`_accumulate_product`)."""
+    hidden, weight, ids, lse, ent = saved
+    g_logp, g_lse, g_ent = grads
+    N, H = hidden.shape
+    V = weight.shape[0]
+    grad_hidden = hidden.new_zeros(N, H, dtype=torch.float32) if need_hidden else None
+    grad_weight = (torch.empty_like if N else torch.zeros_like)(weight) if need_weight else None
+    g = g_logp.float()
+    coef = (g.sum(-1) - g_lse.float())[:, None]
+    cols = _column_chunk(N, V)
+    for v0 in range(0, V if N else 0, cols):
+        w_chunk = weight[v0 : v0 + cols]
+        width = w_chunk.shape[0]
+        dz = _chunk_logits(hidden, w_chunk, temperature).sub_(lse[:, None])  # log p [N,C]
+        if need_entropy:  # dz = −p (coef + g_ent (log p + ent)), in place
+            prob = dz.exp()
+            dz.add_(ent[:, None]).mul_(g_ent.float()[:, None]).add_(coef).mul_(prob).neg_()
+            del prob
+        else:  # dz = −p · coef, in place
+            dz.exp_().mul_(coef).neg_()
+        local = ids - v0
+        inside = (local >= 0) & (local < width)
+        dz.scatter_add_(1, local.clamp(0, width - 1), torch.where(inside, g, 0.0))
+        dz = dz.div_(temperature).to(hidden.dtype)  # frees the float32 block (16-bit inputs)
+        if need_weight:
+            torch.mm(dz.t(), hidden, out=grad_weight[v0 : v0 + width])
+        if need_hidden:
+            grad_hidden = _accumulate_product(grad_hidden, dz, w_chunk)
+        del dz  # before the next chunk's GEMM allocates
+    if need_hidden:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight
+
+
+class ChunkedLogprobsFunction(torch.autograd.Function):
+    """LM head + log-probs at ids through torch GEMMs in chunks, never `[N,V]` at once.
+
+    `apply(hidden [N,H], weight [V,H], ids [N,k] int64, temperature, need_entropy)` →
+    `(logprobs [N,k], logsumexp [N], entropy [N])`, float32 and differentiable; hidden and
+    weight share one dtype. Without `need_entropy` the entropy is empty (`[0]`).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, need_entropy):
+        logp, lse, ent = _chunked_forward(hidden, weight, ids, temperature, need_entropy)
+        ctx.save_for_backward(hidden, weight, ids, lse, ent)
+        ctx.temperature = temperature
+        ctx.need_entropy = need_entropy
+        return logp, lse, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_lse, g_ent):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden, grad_weight = _chunked_backward(
+            ctx.saved_tensors,
+            (g_logp, g_lse, g_ent),
+            ctx.temperature,
+            need_hidden,
+            need_weight,
+            ctx.need_entropy,
+        )
+        return grad_hidden, grad_weight, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# Autocast: one cast of the LM head per weight version, not one per call
+# ---------------------------------------------------------------------------------------
+
+# Cache the autocast-dtype copy of a leaf weight that requires grad (see the module
+# docstring); False casts on every call, as before.
+CACHE_WEIGHT_CASTS = True
+_weight_casts: dict[int, tuple] = {}  # id(weight) -> (weakref, stamp, detached cast)
+_step_hook = None
+
+
+def clear_weight_cast_cache() -> None:
+    """Drop every cached LM-head cast (after changing a weight behind autograd's back, e.g.
+    through `.data` outside a torch optimizer)."""
+    _weight_casts.clear()
+
+
+def _clear_after_optimizer_step(optimizer, args, kwargs) -> None:
+    _weight_casts.clear()
+
+
+def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The one place that copies the LM head to another dtype (detached)."""
+    return weight.detach().to(dtype)
+
+
+class _CachedCast(torch.autograd.Function):
+    """`cast` (a detached copy of `weight` in another dtype) with its gradient sent to
+    `weight` in `weight`'s dtype, as autograd would for `weight.to(dtype)`."""
+
+    @staticmethod
+    def forward(ctx, weight, cast):
+        ctx.dtype = weight.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
+def _cacheable(weight: torch.Tensor) -> bool:
+    return (
+        CACHE_WEIGHT_CASTS
+        and weight.requires_grad
+        and weight.is_leaf
+        and not weight.is_inference()
+        and not torch.is_inference_mode_enabled()  # its copy could never be saved for backward
+        and not torch.compiler.is_compiling()
+    )
+
+
+def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight.to(dtype)` (differentiable), cast once per version of a trainable weight.
+
+    The cached copy is reused while the weight's version counter, storage, shape and device
+    are unchanged, and dropped after every `torch.optim` optimizer step (a global post-step
+    hook, registered on first use: a fused optimizer updates in place without bumping the
+    version counter) and when the weight is garbage collected.
+    """
+    global _step_hook
+    if weight.dtype == dtype or not _cacheable(weight):
+        return weight.to(dtype)
+    key = id(weight)
+    stamp = (weight._version, weight.data_ptr(), dtype, weight.device, weight.shape)
+    entry = _weight_casts.get(key)
+    if entry is None or entry[0]() is not weight or entry[1] != stamp:
+        ref = weakref.ref(weight, lambda _, key=key: _weight_casts.pop(key, None))
+        entry = (ref, stamp, _cast_weight(weight, dtype))
+        _weight_casts[key] = entry
+        if _step_hook is None:
+            _step_hook = register_optimizer_step_post_hook(_clear_after_optimizer_step)
+    return _CachedCast.apply(weight, entry[2])
+
+
+# ---------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------
+
+# Paths of `mixture_logprobs`: every op's `BACKENDS` plus the torch-GEMM "chunked" path.
+LOGPROBS_BACKENDS = ("reference", "triton", "chunked")
 
 
 def _reference_path(hidden, lm_head_weight, ids, temperature, return_entropy):
@@ -595,23 +862,36 @@ def _reference_path(hidden, lm_head_weight, ids, temperature, return_entropy):
     return mixture_logprobs_ref(flat_hidden, lm_head_weight, flat_ids, temperature)
 
 
-def _triton_path(hidden, lm_head_weight, ids, temperature):
+def _flat_inputs(hidden, lm_head_weight, ids, path):
+    """`(hidden [N,H], weight [V,H], ids [N,k])` for the triton/chunked paths: the autocast
+    dtype under `torch.autocast` (as `F.linear` would), one dtype, unit column strides."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # the LM head matmul autocasts, as F.linear
         dtype = torch.get_autocast_dtype(device_type)
-        hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
+        hidden, lm_head_weight = hidden.to(dtype), autocast_weight(lm_head_weight, dtype)
     if hidden.dtype != lm_head_weight.dtype:
         raise TypeError(
             f"mixture_logprobs: hidden ({hidden.dtype}) and lm_head_weight "
-            f"({lm_head_weight.dtype}) must share one dtype on the Triton path"
+            f"({lm_head_weight.dtype}) must share one dtype on the {path} path"
         )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     if flat_hidden.stride(-1) != 1:
         flat_hidden = flat_hidden.contiguous()
     if lm_head_weight.stride(1) != 1:
         lm_head_weight = lm_head_weight.contiguous()
-    flat_ids = ids.reshape(-1, ids.shape[-1]).contiguous()
-    return MixtureLogprobsFunction.apply(flat_hidden, lm_head_weight, flat_ids, temperature)
+    return flat_hidden, lm_head_weight, ids.reshape(-1, ids.shape[-1])
+
+
+def _triton_path(hidden, lm_head_weight, ids, temperature):
+    flat_hidden, weight, flat_ids = _flat_inputs(hidden, lm_head_weight, ids, "triton")
+    return MixtureLogprobsFunction.apply(flat_hidden, weight, flat_ids.contiguous(), temperature)
+
+
+def _chunked_path(hidden, lm_head_weight, ids, temperature, return_entropy):
+    flat_hidden, weight, flat_ids = _flat_inputs(hidden, lm_head_weight, ids, "chunked")
+    return ChunkedLogprobsFunction.apply(
+        flat_hidden, weight, flat_ids.long(), temperature, return_entropy
+    )
 
 
 def mixture_logprobs(
@@ -630,9 +910,12 @@ def mixture_logprobs(
         lm_head_weight: `[V,H]` LM-head weight, tied to the embedding or not (gradient too).
         ids: `[..., k]` token ids whose log-probs are wanted.
         temperature: τ > 0.
-        backend: None (auto), `"reference"` or `"triton"`; env `MOTG_BACKEND` as fallback.
-            float64 inputs always run the reference; the Triton path needs hidden and
-            weight in one dtype (under `torch.autocast` both take the autocast dtype).
+        backend: None (auto: `"triton"` for CUDA tensors, else `"reference"`),
+            `"reference"`, `"triton"` (fused kernels), or `"chunked"` (torch GEMMs in
+            chunks, any device; chosen per call only); env `MOTG_BACKEND` as fallback for
+            the first three. float64 inputs always run the reference; the triton and
+            chunked paths need hidden and weight in one dtype (under `torch.autocast` both
+            take the autocast dtype, the weight's copy cached per weight version).
         return_entropy: also return the entropy of `softmax(h Wᵀ/τ)` (differentiable).
 
     Returns:
@@ -640,13 +923,22 @@ def mixture_logprobs(
         `entropy [...]` third when `return_entropy`.
     """
     check_logprobs_args(hidden, lm_head_weight, ids, temperature)
-    path = resolve_backend("mixture_logprobs", backend, hidden.device)
+    if backend is not None and backend not in LOGPROBS_BACKENDS:
+        raise ValueError(
+            f"mixture_logprobs: unknown backend {backend!r}; expected one of {LOGPROBS_BACKENDS}"
+        )
+    if backend == "chunked":
+        path = "chunked"
+    else:
+        path = resolve_backend("mixture_logprobs", backend, hidden.device)
     if path == "reference" or torch.float64 in (hidden.dtype, lm_head_weight.dtype):
         outputs = _reference_path(hidden, lm_head_weight, ids, temperature, return_entropy)
+    elif path == "chunked":
+        outputs = _chunked_path(hidden, lm_head_weight, ids, temperature, return_entropy)
     else:
         outputs = _triton_path(hidden, lm_head_weight, ids, temperature)
-        if not return_entropy:
-            outputs = outputs[:2]
+    if not return_entropy:
+        outputs = outputs[:2]
     lead = hidden.shape[:-1]
     shaped = (outputs[0].reshape(*lead, ids.shape[-1]),)
     return shaped + tuple(out.reshape(lead) for out in outputs[1:])

@@ -225,3 +225,41 @@ def test_gpu_real_shapes(deterministic):
     if deterministic:
         again = run(embedding, ids, weights, grad, backend="triton", deterministic=True)
         assert torch.equal(again[1], d_emb)
+
+
+def discrete_positions():
+    """Six discrete positions (`w = [1, 0]`): live ids reuse rows 0–3, the zero-weight slots
+    point at rows that no live slot uses."""
+    embedding, _, _ = make_inputs((1,), 1)
+    live = torch.tensor([0, 1, 2, 3, 0, 1], device=DEVICE)
+    dead = torch.tensor([30, 31, 32, 33, 34, 36], device=DEVICE)
+    weights = torch.tensor([1.0, 0.0], device=DEVICE).expand(6, 2).contiguous()
+    return embedding, live, dead, torch.stack([live, dead], dim=-1), weights
+
+
+# The interpreter evaluates `0 · inf` for the masked-off lanes too (and stores nothing).
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_zero_weight_slots_add_nothing_to_dE(deterministic):
+    """No add into `dE` for a zero-weight slot: with an overflowed upstream gradient (+inf in
+    one column) the live rows get inf there and the zero-weight slots' rows stay exactly 0,
+    where a masked-in `0 · inf` add would write NaN."""
+    embedding, live, dead, ids, weights = discrete_positions()
+    grad = torch.randn(6, H, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    grad[:, 5] = float("inf")
+    _, d_emb, _ = run(embedding, ids, weights, grad, backend="triton", deterministic=deterministic)
+    assert (d_emb[dead] == 0).all(), "zero-weight slots added into their dE rows"
+    expected = torch.zeros_like(embedding).index_add_(0, live, grad)
+    finite = torch.arange(H, device=DEVICE) != 5
+    torch.testing.assert_close(d_emb[:, finite], expected[:, finite], rtol=1e-5, atol=1e-5)
+    assert torch.isposinf(d_emb[live, 5]).all()
+
+
+def test_zero_weight_slots_rows_are_not_read():
+    """The forward reads no row of a zero-weight slot: inf there leaves the output exactly the
+    live rows (a read would give `0 · inf = NaN`)."""
+    embedding, live, dead, ids, weights = discrete_positions()
+    poisoned = embedding.clone()
+    poisoned[dead] = float("inf")
+    out = mixture_embed(poisoned, ids, weights, backend="triton")
+    torch.testing.assert_close(out, embedding[live], rtol=0, atol=0)
