@@ -1,19 +1,25 @@
 """The rollout step's last stage: the representative token and the mixture embedding.
 
 Programs over (row, block of H): `e = Σ_j w_j E[S_j]` accumulated in float32 (float64 for a
-float64 embedding) and stored in the embedding's dtype; the first block of a row also draws
-the representative token (Gumbel-max over log w with given or Philox noise, or argmax).
+float64 embedding) and stored in the embedding's dtype; the first block of a row also picks
+the representative slot (Gumbel-max over log w with given or Philox noise, argmax of w, or
+slot 0) and stores it with its token.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._backend import jit, tl
+from ._backend import constexpr, jit, tl
 from ._launch import cdiv, next_pow2
-from ._philox import STREAM_TOKEN, slot_gumbel
+from ._philox import NOISE_GIVEN, NOISE_PHILOX, STREAM_TOKEN, slot_gumbel
 
 EMBED_TILE = 4096  # K_PAD · BLOCK_H elements an embed program holds
+# Codes of the constexpr `TOKEN`: the representative slot is the argmax of w, a Gumbel-max
+# draw over log w (noise `NOISE_GIVEN` 1 or `NOISE_PHILOX` 2), or slot 0.
+TOKEN_ARGMAX = 0
+TOKEN_FIRST = 3
+_FIRST = constexpr(TOKEN_FIRST)
 
 
 @jit
@@ -24,12 +30,13 @@ def _embed_token_kernel(
     mask_ptr,
     token_noise_ptr,
     seed_ptr,
-    # embedding [V,H] (element strides) and outputs: embeds [B,H], token [B]
+    # embedding [V,H] (element strides) and outputs: embeds [B,H], token [B], slot [B]
     emb_ptr,
     stride_emb_row,
     stride_emb_col,
     embeds_ptr,
     token_ptr,
+    slot_ptr,
     # sizes
     k,
     H,
@@ -40,7 +47,8 @@ def _embed_token_kernel(
     ACC_F64: tl.constexpr,
 ):
     """Program `(row, h)`: columns `h·BLOCK_H…` of `Σ_j w_j E[ids_j]`; h = 0 also stores the
-    representative token (TOKEN 0: argmax of w, 1: given noise, 2: Philox)."""
+    representative slot and its token (TOKEN 0: argmax of w, 1: Gumbel-max with given
+    noise, 2: with Philox noise, 3: slot 0)."""
     row = tl.program_id(0)
     hblock = tl.program_id(1)
     slots = tl.arange(0, K_PAD)
@@ -49,14 +57,18 @@ def _embed_token_kernel(
     ids = tl.load(ids_ptr + cand, mask=live, other=0)
     w = tl.load(weights_ptr + cand, mask=live, other=0.0)
     if hblock == 0:
-        valid = live & (tl.load(mask_ptr + cand, mask=live, other=0) != 0)
-        score = tl.where(valid, tl.log(tl.where(valid, w, 1.0)), float("-inf"))
-        if TOKEN == 1:
-            score = score + tl.load(token_noise_ptr + cand, mask=live, other=0.0)
-        if TOKEN == 2:
-            score = score + slot_gumbel(tl.load(seed_ptr), row, slots, STREAM_TOKEN)
-        slot = tl.argmax(score, 0)
+        if TOKEN == _FIRST:
+            slot = tl.sum(slots * 0, 0)
+        else:
+            valid = live & (tl.load(mask_ptr + cand, mask=live, other=0) != 0)
+            score = tl.where(valid, tl.log(tl.where(valid, w, 1.0)), float("-inf"))
+            if TOKEN == NOISE_GIVEN:
+                score = score + tl.load(token_noise_ptr + cand, mask=live, other=0.0)
+            if TOKEN == NOISE_PHILOX:
+                score = score + slot_gumbel(tl.load(seed_ptr), row, slots, STREAM_TOKEN)
+            slot = tl.argmax(score, 0)
         tl.store(token_ptr + row, tl.sum(tl.where(slots == slot, ids, 0), 0))
+        tl.store(slot_ptr + row, slot.to(tl.int64))
     cols = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
     inside = cols < H
     offs = ids[:, None] * stride_emb_row + cols.to(tl.int64)[None, :] * stride_emb_col
@@ -70,10 +82,12 @@ def _embed_token_kernel(
 
 
 def launch_embed(embedding, ids, weights, mask, *, seed, token_noise, token_source: int):
-    """`(token [B], embeds [B,H])` of ids/weights/mask `[B,k]`; `token_source` as `TOKEN`."""
+    """`(token [B], slot [B], embeds [B,H])` (int64, int64, embedding dtype) of ids, weights
+    and mask `[B,k]`; `token_source` is the `TOKEN` code."""
     batch, k = ids.shape
     hidden = embedding.shape[1]
     token = torch.empty(batch, dtype=torch.int64, device=ids.device)
+    slot = torch.empty(batch, dtype=torch.int64, device=ids.device)
     embeds = torch.empty(batch, hidden, dtype=embedding.dtype, device=ids.device)
     block_h = max(16, min(next_pow2(hidden), EMBED_TILE // next_pow2(k)))
     _embed_token_kernel[(batch, max(1, cdiv(hidden, block_h)))](
@@ -87,6 +101,7 @@ def launch_embed(embedding, ids, weights, mask, *, seed, token_noise, token_sour
         stride_emb_col=embedding.stride(1),
         embeds_ptr=embeds,
         token_ptr=token,
+        slot_ptr=slot,
         k=k,
         H=hidden,
         K_PAD=next_pow2(k),
@@ -95,4 +110,4 @@ def launch_embed(embedding, ids, weights, mask, *, seed, token_noise, token_sour
         ACC_F64=embedding.dtype == torch.float64,
         enable_fp_fusion=False,
     )
-    return token, embeds
+    return token, slot, embeds

@@ -2,19 +2,56 @@
 `mixture_step.py` for the math and the launchers).
 
 `scan_columns` streams part of one logits row in `BLOCK_V` tiles into an online softmax
-state and a running top-k of packed keys; `select_slots` turns a row's final state and
-top-k into ids, log-probs, the slot mask and the `prob`/`gumbel` weights and stores them.
+state and the selection's running keys; `select_slots` turns a row's final state and keys
+into ids, log-probs, the slot mask and the weights (all but `dirichlet`) and stores them.
 Kernels: `step_row_kernel` (one program per row: scan, then select), or
-`step_split_kernel` (programs over row × vocabulary split write partial states and top-k)
+`step_split_kernel` (programs over row × vocabulary split write partial states and keys)
 followed by `step_merge_kernel` (merge a row's splits, then select).
+
+Running keys per selection (`SELECTION`; keys pack (score, id) as `_topk.py`):
+- `topk` / `sample`: the top-K_PAD keys of z / of z/τ + g (stream 0, draw 0);
+- `sample_topk`: the top-K_PAD keys of z, plus `sampled`, the best key of z/τ + g;
+- `iid`: lane j holds the best key of z/τ + g_j (draw j of stream 0), lanes j ≥ k unused.
+Splits merge by top-K_PAD of keys (`sampled`: max) or, for `iid`, by a per-lane max.
 """
 
 from __future__ import annotations
 
-from ._backend import jit, tl
+from ._backend import constexpr, jit, tl
 from ._online_softmax import combine_stats, reduce_stats, tile_stats
-from ._philox import STREAM_WEIGHT, column_gumbel, load_seed, slot_gumbel
-from ._topk import KEY_EMPTY, KEY_FLOOR, absorb, empty_top, key_ids, key_score, pack_keys, sort_desc
+from ._philox import (
+    NOISE_GIVEN,
+    NOISE_PHILOX,
+    STREAM_WEIGHT,
+    column_gumbel,
+    draw_gumbel,
+    load_seed,
+    slot_gumbel,
+)
+from ._topk import (
+    KEY_EMPTY,
+    KEY_FLOOR,
+    absorb,
+    empty_top,
+    key_ids,
+    key_score,
+    pack_keys,
+    place_desc,
+    sort_desc,
+)
+
+# Host codes of the constexprs `SELECTION` and `WEIGHTING` (`dirichlet`: weights in torch).
+SELECTION_CODES = {"topk": 0, "sample": 1, "sample_topk": 2, "iid": 3}
+WEIGHTING_CODES = {"prob": 0, "gumbel": 1, "dirichlet": 2, "uniform": 3, "blend": 4}
+_TOPK = constexpr(SELECTION_CODES["topk"])
+_SAMPLE = constexpr(SELECTION_CODES["sample"])
+_SAMPLE_TOPK = constexpr(SELECTION_CODES["sample_topk"])
+_IID = constexpr(SELECTION_CODES["iid"])
+_GUMBEL = constexpr(WEIGHTING_CODES["gumbel"])
+_DIRICHLET = constexpr(WEIGHTING_CODES["dirichlet"])
+_UNIFORM = constexpr(WEIGHTING_CODES["uniform"])
+_BLEND = constexpr(WEIGHTING_CODES["blend"])
+_NO_COLUMN = constexpr(2**40)  # above every column id
 
 
 @jit
@@ -29,30 +66,55 @@ def scale_logits(z, temperature, inv_temperature, RECIPROCAL: tl.constexpr):
 
 
 @jit
+def fold_draws(best_score, best_col, score, cols, inb):
+    """Fold a tile of per-draw scores `score [D, BLOCK]` (columns `cols [BLOCK]` int64,
+    in bounds where `inb`) into the running best of each draw, `best_score [D]` float32 and
+    `best_col [D]` int64 (−1: nothing seen yet): the highest score, the lower column on ties
+    (±0 tie, −inf ranks by column), as the keys of `_topk.py` order them."""
+    tile_best = tl.max(score, 1)
+    at_best = inb[None, :] & (score == tile_best[:, None])
+    hit = tl.min(tl.where(at_best, cols[None, :], _NO_COLUMN), 1)
+    win = (tile_best > best_score) | (best_col < 0)  # earlier columns win ties
+    return tl.where(win, tile_best, best_score), tl.where(win, hit, best_col)
+
+
+@jit
 def scan_columns(
-    # one logits row: pointer to its first element, column stride; explicit noise row
+    # one logits row: pointer to its first element, column stride
     row_ptr,
     stride_col,
+    # the row's explicit selection noise ([V], or [k,V] for iid with draw stride)
     noise_row_ptr,
+    stride_noise_draw,
     # Philox key and row (counter word 1), the column range [col_start, col_end)
     seed,
     row,
     col_start,
     col_end,
-    # temperature τ and its float32 reciprocal
+    # k (iid draws), temperature τ and its float32 reciprocal
+    k,
     temperature,
     inv_temperature,
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    SAMPLE: tl.constexpr,
+    SELECTION: tl.constexpr,
     SEL_NOISE: tl.constexpr,
     RECIPROCAL: tl.constexpr,
 ):
-    """Stream columns of one row: returns (top keys [K_PAD] unordered, m, s, t)."""
+    """Stream columns of one row: returns `(keys [K_PAD], sampled, m, s, t)`.
+
+    `keys`: the running top-K_PAD keys, unordered (`topk`, `sample`, `sample_topk`), or the
+    best key of each draw in draw order (`iid`); `sampled`: the best key of z/τ + g
+    (`sample_topk`; KEY_EMPTY otherwise); `(m, s, t)`: the online softmax state of z/τ.
+    """
     offs = tl.arange(0, BLOCK_V)
     top = empty_top(K_PAD)
     kth = tl.min(top, 0)
     bar = key_score(kth)  # the k-th score once `top` holds only real keys
+    sampled = kth * 0 + KEY_EMPTY
+    draws = tl.arange(0, K_PAD)
+    best_score = tl.full([K_PAD], float("-inf"), tl.float32)
+    best_col = tl.full([K_PAD], -1, tl.int64)
     m = tl.max(tl.full([2], float("-inf"), tl.float32), 0)
     s = tl.sum(tl.zeros([2], tl.float32), 0)
     t = s
@@ -63,34 +125,54 @@ def scan_columns(
         z = tl.load(row_ptr + cols64 * stride_col, mask=inb, other=float("-inf"))
         z = z.to(tl.float32)
         x = scale_logits(z, temperature, inv_temperature, RECIPROCAL)
-        if SAMPLE:
-            if SEL_NOISE == 1:
-                g = tl.load(noise_row_ptr + cols64, mask=inb, other=0.0)
+        if SELECTION == _IID:
+            if SEL_NOISE == NOISE_GIVEN:
+                offs2 = draws.to(tl.int64)[:, None] * stride_noise_draw + cols64[None, :]
+                live = (draws < k)[:, None] & inb[None, :]
+                g2 = tl.load(noise_row_ptr + offs2, mask=live, other=0.0)
             else:
-                g = column_gumbel(seed, row, base, BLOCK_V)
-            score = x + g
-            best = tl.max(score, 0)
+                g2 = draw_gumbel(seed, row, base, K_PAD, BLOCK_V)
+            best_score, best_col = fold_draws(best_score, best_col, x[None, :] + g2, cols64, inb)
             x_max = tl.max(x, 0)
         else:
-            score = z
-            best = tl.max(score, 0)
-            # rounding of z/τ is monotone: the max of x is the scaled max of z
-            x_max = scale_logits(best, temperature, inv_temperature, RECIPROCAL)
+            if SELECTION != _TOPK:
+                if SEL_NOISE == NOISE_GIVEN:
+                    g = tl.load(noise_row_ptr + cols64, mask=inb, other=0.0)
+                else:
+                    g = column_gumbel(seed, row, base, 0, BLOCK_V)
+                drawn = x + g
+            if SELECTION == _SAMPLE:
+                score = drawn
+                best = tl.max(score, 0)
+                x_max = tl.max(x, 0)
+            else:
+                score = z
+                best = tl.max(score, 0)
+                # rounding of z/τ is monotone: the max of x is the scaled max of z
+                x_max = scale_logits(best, temperature, inv_temperature, RECIPROCAL)
+            if SELECTION == _SAMPLE_TOPK:
+                # later columns have higher ids: only a strictly higher score wins
+                if (tl.max(drawn, 0) > key_score(sampled)) | (sampled < KEY_FLOOR):
+                    sampled = tl.max(tl.where(inb, pack_keys(drawn, cols64), KEY_EMPTY), 0)
+            # Later columns have higher ids, so a tile matters only if it beats the k-th score.
+            if (best > bar) | (kth < KEY_FLOOR):
+                keys = tl.where(inb, pack_keys(score, cols64), KEY_EMPTY)
+                top, kth = absorb(top, kth, keys)
+                bar = key_score(kth)
         tm, ts, tt = tile_stats(x, x_max, 0)
         m, s, t = combine_stats(m, s, t, tm, ts, tt)
-        # Later columns have higher ids, so a tile matters only if it beats the k-th score.
-        if (best > bar) | (kth < KEY_FLOOR):
-            keys = tl.where(inb, pack_keys(score, cols64), KEY_EMPTY)
-            top, kth = absorb(top, kth, keys)
-            bar = key_score(kth)
-    return top, m, s, t
+    if SELECTION == _IID:
+        top = pack_keys(best_score, best_col)
+    return top, sampled, m, s, t
 
 
 @jit
 def select_slots(
-    # the row, its final top keys [K_PAD] (any order) and online-softmax state
+    # the row, its final keys [K_PAD] (as `scan_columns` returns them), sample_topk's
+    # sampled key and the online-softmax state
     row,
     top,
+    sampled,
     m,
     s,
     t,
@@ -106,25 +188,40 @@ def select_slots(
     logprobs_ptr,
     lse_ptr,
     entropy_ptr,
-    # k, temperature, filters and the gumbel weighting temperature
+    # k, temperature, filters, the gumbel weighting temperature λ and the blend's β
     k,
     temperature,
     inv_temperature,
     top_p,
     log_min_p,
     gumbel_temperature,
+    blend_beta,
     K_PAD: tl.constexpr,
     RECIPROCAL: tl.constexpr,
+    SELECTION: tl.constexpr,
     USE_TOP_P: tl.constexpr,
     USE_MIN_P: tl.constexpr,
     WEIGHTING: tl.constexpr,
     W_NOISE: tl.constexpr,
 ):
-    """Candidates, log-probs, mask and (prob/gumbel) weights of one row; stores them."""
+    """Candidates, log-probs, mask and weights (all but dirichlet's) of one row; stores them.
+
+    ids: `topk` / `sample` the keys best first; `iid` the draws in order; `sample_topk` the
+    sampled token y, then the k−1 best logits of the other tokens (y's key, if among the
+    top K_PAD ≥ k, ranks last: `mixture_math.select_sample_topk`).
+    """
     slots = tl.arange(0, K_PAD)
     live = slots < k
     out = row.to(tl.int64) * k + slots
-    ids = tl.where(live, key_ids(sort_desc(top, K_PAD)), 0)
+    if SELECTION == _IID:
+        ids = key_ids(top)
+    elif SELECTION == _SAMPLE_TOPK:
+        first = key_ids(sampled)
+        ranked = tl.where(key_ids(top) == first, KEY_EMPTY, top)  # below the placeholders
+        ids = tl.where(slots == 0, first, key_ids(place_desc(ranked, K_PAD, 1)))
+    else:
+        ids = key_ids(sort_desc(top, K_PAD))
+    ids = tl.where(live, ids, 0)
     z = tl.load(row_ptr + ids * stride_col, mask=live, other=float("-inf")).to(tl.float32)
     lse = m + tl.log(s)
     logprobs = scale_logits(z, temperature, inv_temperature, RECIPROCAL) - lse
@@ -140,28 +237,37 @@ def select_slots(
     tl.store(mask_ptr + out, valid, mask=live)
     tl.store(lse_ptr + row, lse)
     tl.store(entropy_ptr + row, tl.log(s) - t / s)
-    if WEIGHTING != 2:
+    if WEIGHTING == _UNIFORM:
+        count = tl.sum(valid.to(tl.float32), 0)
+        w = tl.where(valid, tl.math.div_rn(count * 0.0 + 1.0, count), 0.0)  # 1/m, IEEE
+        tl.store(weights_ptr + out, w, mask=live)
+    elif WEIGHTING != _DIRICHLET:
         kept = tl.where(valid, logprobs, float("-inf"))
         top_kept = tl.max(kept, 0)
         log_p = kept - (top_kept + tl.log(tl.sum(tl.exp(kept - top_kept), 0)))
-        if WEIGHTING == 1:
-            if W_NOISE == 1:
+        if WEIGHTING == _GUMBEL:
+            if W_NOISE == NOISE_GIVEN:
                 g = tl.load(weight_noise_ptr + out, mask=live, other=0.0)
             else:
                 g = slot_gumbel(seed, row, slots, STREAM_WEIGHT)
             log_p = (log_p + g) / gumbel_temperature
         e = tl.exp(log_p - tl.max(log_p, 0))
         w = tl.where(valid, e / tl.sum(e, 0), 0.0)
+        if WEIGHTING == _BLEND:  # (β p̃ + onehot_0) / (β + 1)
+            w = (blend_beta * w + (slots == 0).to(tl.float32)) / (blend_beta + 1.0)
         tl.store(weights_ptr + out, w, mask=live)
 
 
 @jit
 def step_row_kernel(
-    # logits [B,V] (element strides), explicit selection noise [B,V] and weight noise [B,k]
+    # logits [B,V] (element strides); explicit selection noise ([B,V] or iid's [B,k,V],
+    # row and draw strides), weight noise [B,k]; Philox seed [1]
     logits_ptr,
     stride_row,
     stride_col,
     sel_noise_ptr,
+    stride_noise_row,
+    stride_noise_draw,
     weight_noise_ptr,
     seed_ptr,
     # outputs
@@ -179,10 +285,11 @@ def step_row_kernel(
     top_p,
     log_min_p,
     gumbel_temperature,
+    blend_beta,
     # meta-parameters
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    SAMPLE: tl.constexpr,
+    SELECTION: tl.constexpr,
     SEL_NOISE: tl.constexpr,
     W_NOISE: tl.constexpr,
     WEIGHTING: tl.constexpr,
@@ -192,28 +299,30 @@ def step_row_kernel(
 ):
     """One program per row: scan the whole row, then select (grid `(B,)`)."""
     row = tl.program_id(0)
-    seed = load_seed(seed_ptr, (SEL_NOISE == 2) | (W_NOISE == 2))
+    seed = load_seed(seed_ptr, (SEL_NOISE == NOISE_PHILOX) | (W_NOISE == NOISE_PHILOX))
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    noise_row_ptr = sel_noise_ptr + row.to(tl.int64) * V
-    top, m, s, t = scan_columns(
+    top, sampled, m, s, t = scan_columns(
         row_ptr=row_ptr,
         stride_col=stride_col,
-        noise_row_ptr=noise_row_ptr,
+        noise_row_ptr=sel_noise_ptr + row.to(tl.int64) * stride_noise_row,
+        stride_noise_draw=stride_noise_draw,
         seed=seed,
         row=row,
         col_start=0,
         col_end=V,
+        k=k,
         temperature=temperature,
         inv_temperature=inv_temperature,
         K_PAD=K_PAD,
         BLOCK_V=BLOCK_V,
-        SAMPLE=SAMPLE,
+        SELECTION=SELECTION,
         SEL_NOISE=SEL_NOISE,
         RECIPROCAL=RECIPROCAL,
     )
     select_slots(
         row=row,
         top=top,
+        sampled=sampled,
         m=m,
         s=s,
         t=t,
@@ -233,8 +342,10 @@ def step_row_kernel(
         top_p=top_p,
         log_min_p=log_min_p,
         gumbel_temperature=gumbel_temperature,
+        blend_beta=blend_beta,
         K_PAD=K_PAD,
         RECIPROCAL=RECIPROCAL,
+        SELECTION=SELECTION,
         USE_TOP_P=USE_TOP_P,
         USE_MIN_P=USE_MIN_P,
         WEIGHTING=WEIGHTING,
@@ -244,17 +355,22 @@ def step_row_kernel(
 
 @jit
 def step_split_kernel(
-    # logits [B,V] (element strides), explicit selection noise [B,V], seed
+    # logits [B,V] (element strides), explicit selection noise (as `step_row_kernel`), seed
     logits_ptr,
     stride_row,
     stride_col,
     sel_noise_ptr,
+    stride_noise_row,
+    stride_noise_draw,
     seed_ptr,
-    # partial results: keys [B, n_split, K_PAD] int64, states [B, n_split, 3] float32
+    # partial results: keys [B, n_split, K_PAD] int64, sample_topk's sampled keys
+    # [B, n_split] int64, states [B, n_split, 3] float32
     part_keys_ptr,
+    part_sampled_ptr,
     part_stats_ptr,
     # sizes and scalars
     V,
+    k,
     chunk,
     n_split,
     temperature,
@@ -262,36 +378,39 @@ def step_split_kernel(
     # meta-parameters
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    SAMPLE: tl.constexpr,
+    SELECTION: tl.constexpr,
     SEL_NOISE: tl.constexpr,
     RECIPROCAL: tl.constexpr,
 ):
     """Program `(row, split)` scans columns `[split·chunk, (split+1)·chunk)` (grid `(B, n)`)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
-    seed = load_seed(seed_ptr, SEL_NOISE == 2)
+    seed = load_seed(seed_ptr, SEL_NOISE == NOISE_PHILOX)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    noise_row_ptr = sel_noise_ptr + row.to(tl.int64) * V
     start = split * chunk
     end = tl.minimum(start + chunk, V)
-    top, m, s, t = scan_columns(
+    top, sampled, m, s, t = scan_columns(
         row_ptr=row_ptr,
         stride_col=stride_col,
-        noise_row_ptr=noise_row_ptr,
+        noise_row_ptr=sel_noise_ptr + row.to(tl.int64) * stride_noise_row,
+        stride_noise_draw=stride_noise_draw,
         seed=seed,
         row=row,
         col_start=start,
         col_end=end,
+        k=k,
         temperature=temperature,
         inv_temperature=inv_temperature,
         K_PAD=K_PAD,
         BLOCK_V=BLOCK_V,
-        SAMPLE=SAMPLE,
+        SELECTION=SELECTION,
         SEL_NOISE=SEL_NOISE,
         RECIPROCAL=RECIPROCAL,
     )
     part = row.to(tl.int64) * n_split + split
     tl.store(part_keys_ptr + part * K_PAD + tl.arange(0, K_PAD), top)
+    if SELECTION == _SAMPLE_TOPK:
+        tl.store(part_sampled_ptr + part, sampled)
     tl.store(part_stats_ptr + part * 3, m)
     tl.store(part_stats_ptr + part * 3 + 1, s)
     tl.store(part_stats_ptr + part * 3 + 2, t)
@@ -299,11 +418,12 @@ def step_split_kernel(
 
 @jit
 def step_merge_kernel(
-    # logits [B,V] (for the k selected logits), partial results of `_step_split_kernel`
+    # logits [B,V] (for the k selected logits), partial results of `step_split_kernel`
     logits_ptr,
     stride_row,
     stride_col,
     part_keys_ptr,
+    part_sampled_ptr,
     part_stats_ptr,
     weight_noise_ptr,
     seed_ptr,
@@ -322,9 +442,11 @@ def step_merge_kernel(
     top_p,
     log_min_p,
     gumbel_temperature,
+    blend_beta,
     # meta-parameters
     K_PAD: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
+    SELECTION: tl.constexpr,
     W_NOISE: tl.constexpr,
     WEIGHTING: tl.constexpr,
     USE_TOP_P: tl.constexpr,
@@ -333,9 +455,10 @@ def step_merge_kernel(
 ):
     """Merge the splits of one row, then select (grid `(B,)`)."""
     row = tl.program_id(0)
-    seed = load_seed(seed_ptr, W_NOISE == 2)
+    seed = load_seed(seed_ptr, W_NOISE == NOISE_PHILOX)
     top = empty_top(K_PAD)
     kth = tl.min(top, 0)
+    sampled = kth * 0 + KEY_EMPTY
     m = tl.max(tl.full([2], float("-inf"), tl.float32), 0)
     s = tl.sum(tl.zeros([2], tl.float32), 0)
     t = s
@@ -345,8 +468,14 @@ def step_merge_kernel(
         part = row.to(tl.int64) * n_split + splits
         key_offs = part[:, None] * K_PAD + tl.arange(0, K_PAD)[None, :]
         keys = tl.load(part_keys_ptr + key_offs, mask=ok[:, None], other=KEY_EMPTY)
-        keys = tl.where(keys < KEY_FLOOR, KEY_EMPTY, keys)  # a short split's placeholders
-        top, kth = absorb(top, kth, tl.reshape(keys, [SPLIT_BLOCK * K_PAD]))
+        if SELECTION == _IID:  # each draw's best over the splits
+            top = tl.maximum(top, tl.max(keys, 0))
+        else:
+            keys = tl.where(keys < KEY_FLOOR, KEY_EMPTY, keys)  # a short split's placeholders
+            top, kth = absorb(top, kth, tl.reshape(keys, [SPLIT_BLOCK * K_PAD]))
+        if SELECTION == _SAMPLE_TOPK:
+            part_sampled = tl.load(part_sampled_ptr + part, mask=ok, other=KEY_EMPTY)
+            sampled = tl.maximum(sampled, tl.max(part_sampled, 0))
         pm = tl.load(part_stats_ptr + part * 3, mask=ok, other=float("-inf"))
         ps = tl.load(part_stats_ptr + part * 3 + 1, mask=ok, other=0.0)
         pt = tl.load(part_stats_ptr + part * 3 + 2, mask=ok, other=0.0)
@@ -356,6 +485,7 @@ def step_merge_kernel(
     select_slots(
         row=row,
         top=top,
+        sampled=sampled,
         m=m,
         s=s,
         t=t,
@@ -375,8 +505,10 @@ def step_merge_kernel(
         top_p=top_p,
         log_min_p=log_min_p,
         gumbel_temperature=gumbel_temperature,
+        blend_beta=blend_beta,
         K_PAD=K_PAD,
         RECIPROCAL=RECIPROCAL,
+        SELECTION=SELECTION,
         USE_TOP_P=USE_TOP_P,
         USE_MIN_P=USE_MIN_P,
         WEIGHTING=WEIGHTING,

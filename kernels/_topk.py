@@ -8,7 +8,8 @@ the lower id first on ties, −inf below every finite score. Real keys are
 placeholders a running top-k starts with (`empty_top`, all below `KEY_FLOOR`).
 
 A running top-k is a `[K_PAD]` vector of distinct keys in no order, with its minimum `kth`;
-`absorb` folds a tile of candidate keys into it and `sort_desc` orders it at the end.
+`absorb` folds a tile of candidate keys into it and `sort_desc` (or `place_desc`, which
+leaves the first slots free) orders it at the end.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def absorb(top, kth, cand):
 @jit
 def sort_desc(top, K_PAD: tl.constexpr):
     """`top [K_PAD]` (distinct keys) in descending order, by rank counting."""
+    return place_desc(top, K_PAD, 0)
+
+
+@jit
+def place_desc(top, K_PAD: tl.constexpr, FIRST: tl.constexpr):
+    """`[K_PAD]`: the keys of `top [K_PAD]` (distinct) in descending order from slot
+    `FIRST` on (the key of rank r at slot `FIRST + r`; slots below `FIRST` hold 0, the
+    `FIRST` smallest keys drop out), by rank counting."""
     rank = tl.sum((top[None, :] > top[:, None]).to(tl.int32), 1)
     slots = tl.arange(0, K_PAD)
-    return tl.sum(tl.where(rank[:, None] == slots[None, :], top[:, None], 0), 0)
+    return tl.sum(tl.where(rank[:, None] + FIRST == slots[None, :], top[:, None], 0), 0)

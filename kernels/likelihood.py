@@ -12,13 +12,21 @@ representative token y. `p̃'` is `p'` renormalised over the valid slots.
                 Σ_j [log p'_{S_j} − log(1 − Σ_{l<j} p'_{S_l})] over the drawn slots
                 (slots whose log-prob is −inf were never drawn and are skipped; the
                 top_p/min_p filters act after the draw, so filtered slots still count);
-    log q(w|S): 0 for `prob`; Dirichlet(c·p̃') log-density of w for `dirichlet`
+                Σ_j log p'_{S_j} for `iid` (independent draws, a repeated token counted
+                each time); log p'_{S_0} for `sample_topk` (the rest is the top k−1 given
+                S_0, no draw);
+    log q(w|S): 0 for the deterministic weightings (`prob`, `uniform`, `blend`);
+                Dirichlet(c·p̃') log-density of w for `dirichlet`
                 (lgamma(c) − Σ lgamma(c p̃'_j) + Σ (c p̃'_j − 1) log w_j); the Concrete
                 (Gumbel-softmax) log-density of w with logits log p̃' and temperature λ for
                 `gumbel`; both over the m valid slots (0 when m = 1);
-    log w(y):   log p̃'_y for `prob` (w is p̃' itself), log of the stored w_y for the
-                random weightings, 0 when y is the argmax (`representative="argmax"`).
-  `topk` + `prob` + argmax y has no random part, hence no likelihood: an error.
+    log w(y):   for `representative="sample"` (y ~ Cat(w), its drawn slot stored):
+                log p̃'_y for `prob` (w is p̃' itself), log of the stored w_y for the
+                random weightings and `uniform` (1/m, independent of the policy);
+                0 for `argmax` and `first` (y is then fixed given S and w).
+  A spec whose S, w and y are all fixed by the logits (e.g. `topk` + `prob` + argmax y)
+  has no exact likelihood: an error. Gaussian soft tokens (`noise_std > 0`) add the
+  Gaussian density of the input (`gaussian.py`), which needs the embeddings.
 Zero stored weights are read as the smallest normal float32 inside logarithms.
 
 All returns are `[N]` in the log-probs' dtype, differentiable with respect to `logprobs`.
@@ -80,6 +88,17 @@ def concrete_log_density(
     return (
         torch.lgamma(m) + (m - 1.0) * math.log(temperature) + slot_terms - m * score.logsumexp(-1)
     )
+
+
+def selection_logprob(logprobs: torch.Tensor, selection: str) -> torch.Tensor:
+    """`log q(S) [...]` of the stored candidate ids under the current log-probs `[..., k]`."""
+    if selection == "sample":
+        return plackett_luce_logprob(logprobs)
+    if selection == "iid":
+        return _masked_sum(logprobs, torch.isfinite(logprobs))
+    if selection == "sample_topk":
+        return logprobs[..., 0].clone()
+    return torch.zeros_like(logprobs[..., 0])
 
 
 def check_action_args(
@@ -146,9 +165,7 @@ def action_logprob(
     log_p_tilde = renormalised_logprobs(logprobs, mask)
     if likelihood == "weighted":
         return _masked_sum(log_p_tilde.exp() * logprobs.masked_fill(~mask, 0.0), mask)
-    total = torch.zeros_like(logprobs[..., 0])
-    if spec.selection == "sample":
-        total = total + plackett_luce_logprob(logprobs)
+    total = selection_logprob(logprobs, spec.selection)
     if spec.weighting == "dirichlet":
         total = total + dirichlet_log_density(log_p_tilde, weights, mask, spec.concentration)
     elif spec.weighting == "gumbel":

@@ -56,6 +56,26 @@ def select_candidates(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (1 << _LOW_ID_BITS) - 1 - (keys & ((1 << _LOW_ID_BITS) - 1))
 
 
+def select_iid(scaled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Ids `[B,k]` of k independent draws from `softmax(scaled)` (`scaled [B,V]` float32), by
+    Gumbel-max with independent noise `[B,k,V]` per draw; a token may be drawn twice."""
+    scores = scaled.unsqueeze(1) + noise.float()  # [B,k,V]
+    keys = ordering_keys(scores.flatten(0, 1)).amax(-1).view(scores.shape[:2])
+    return (1 << _LOW_ID_BITS) - 1 - (keys & ((1 << _LOW_ID_BITS) - 1))
+
+
+def select_sample_topk(logits: torch.Tensor, sampled: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids `[B,k]`: slot 0 the draw `argmax(sampled)` (`sampled = z/τ + g [B,V]`), slots
+    1…k−1 the k−1 largest logits `[B,V]` among the other tokens (ties: lower id)."""
+    first = select_candidates(sampled, 1)
+    if k == 1:
+        return first
+    keys = ordering_keys(logits.float()).scatter(-1, first, torch.iinfo(torch.int64).min)
+    rest_keys = keys.topk(k - 1, dim=-1, sorted=True).values  # y ranks below every token
+    rest = (1 << _LOW_ID_BITS) - 1 - (rest_keys & ((1 << _LOW_ID_BITS) - 1))
+    return torch.cat([first, rest], dim=-1)
+
+
 def slot_mask(
     slot_logprobs: torch.Tensor,
     max_logprob: torch.Tensor,
@@ -110,6 +130,7 @@ def mixture_weights(
     *,
     concentration: float = 1.0,
     gumbel_temperature: float = 1.0,
+    blend_beta: float = 1.0,
     generator: torch.Generator | None = None,
     weight_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -120,9 +141,19 @@ def mixture_weights(
       `generator`; explicit noise is not accepted).
     - `gumbel`: `softmax((log p̃ + g) / gumbel_temperature)`, `g` Gumbel noise `[B,k]`
       from `weight_noise` or drawn with `generator`.
+    - `uniform`: `1/m` on each of the m valid slots.
+    - `blend`: `(β p̃ + onehot_0) / (β + 1)`, β = `blend_beta`: the posterior mean of a
+      prior p̃ of weight β and one observation of slot 0 (Mixture of Inputs).
     """
     check_choice("weighting", weighting, WEIGHTINGS)
     log_p = renormalised_logprobs(slot_logprobs.float(), mask)
+    if weighting == "uniform":
+        return mask.float() / mask.sum(-1, keepdim=True)
+    if weighting == "blend":
+        first = torch.zeros_like(log_p)
+        first[:, 0] = 1.0
+        prior = log_p.exp().masked_fill(~mask, 0.0)
+        return ((blend_beta * prior + first) / (blend_beta + 1.0)).float()
     if weighting == "prob":
         logits = log_p
     elif weighting == "dirichlet":
@@ -150,9 +181,11 @@ def representative_slot(
     """Slot index `[B]` (int64) of the representative token.
 
     `sample`: `y ~ Cat(w)` by Gumbel-max on `log w` (noise `[B,k]` from `token_noise` or
-    `generator`); `argmax`: the heaviest slot (lower slot first on ties).
+    `generator`); `argmax`: the heaviest slot (lower slot first on ties); `first`: slot 0.
     """
     check_choice("representative", representative, REPRESENTATIVES)
+    if representative == "first":
+        return torch.zeros(weights.shape[0], dtype=torch.int64, device=weights.device)
     scores = weights.float().log().masked_fill(~mask, float("-inf"))
     if representative == "sample":
         if token_noise is None:
@@ -163,9 +196,15 @@ def representative_slot(
     return scores.argmax(-1)
 
 
+def first_slot_of(ids: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Index `[...]` of the first slot of `ids [..., k]` holding `token [...]` (no check, no
+    host sync; 0 when absent)."""
+    return (ids == token.unsqueeze(-1)).to(torch.int8).argmax(-1)
+
+
 def token_slot(ids: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """Index `[...]` of `token [...]` within `ids [..., k]` (ids of a step are distinct)."""
-    hit = ids == token.unsqueeze(-1)
-    if not bool(hit.any(-1).all()):
+    """Index `[...]` of `token [...]` within `ids [..., k]` (its first slot); an error when a
+    row does not hold its token."""
+    if not bool((ids == token.unsqueeze(-1)).any(-1).all()):
         raise ValueError("token is not among ids in some rows")
-    return hit.to(torch.int8).argmax(-1)
+    return first_slot_of(ids, token)

@@ -2,15 +2,21 @@
 
 Math (per row; logits `z [V]`, temperature `τ`, embedding `E [V,H]`):
     log p   = z/τ − logsumexp(z/τ)                       full-vocabulary log-probs
-    S       = top-k of z (`topk`) or of z/τ + g, g ~ Gumbel (`sample`, Gumbel-top-k:
-              k draws from p without replacement, in draw order); ties: lower id first
+    S       = top-k of z (`topk`) | of z/τ + g, g ~ Gumbel (`sample`, Gumbel-top-k: k draws
+              from p without replacement, in draw order) | k independent draws from p,
+              repeats allowed (`iid`) | one draw y ~ p then the k−1 largest other z
+              (`sample_topk`); ties: lower id first
     mask    = slots with p > 0 that pass the optional top_p / min_p filters (slot 0 always)
     w       = `prob` p̃ (p renormalised over valid slots) | `dirichlet` Dir(c·p̃) |
-              `gumbel` softmax((log p̃ + g)/λ); zero on masked slots, sums to 1
-    y       = S[j], j ~ Cat(w) (`representative="sample"`) or argmax w (`"argmax"`)
+              `gumbel` softmax((log p̃ + g)/λ) | `uniform` 1/m | `blend`
+              (β p̃ + onehot_0)/(β + 1); zero on masked slots, sums to 1
+    y       = S[j], j ~ Cat(w) (`representative="sample"`), argmax w (`"argmax"`) or
+              slot 0 (`"first"`); the drawn slot j is returned as `token_slot`
     e       = Σ_j w_j E[S_j]                             mixture embedding (next input)
     entropy = −Σ_v p_v log p_v
-With k = 1, `topk` is greedy decoding and `sample` is multinomial sampling from p.
+With k = 1, `topk` is greedy decoding and `sample`, `iid` and `sample_topk` are
+multinomial sampling from p. (Gaussian soft tokens add σε to e outside this op:
+`gaussian.py`, applied by the engine.)
 
 Shapes: logits `[B,V]` (any float dtype, any row stride), embedding `[V,H]`; outputs
 ids `[B,k]` int64, weights `[B,k]` float32, mask `[B,k]` bool, token `[B]` int64,
@@ -27,26 +33,34 @@ Triton path (each logits row is read once; kernels below, launchers after them):
 - scan: a program streams a column range of one row in `BLOCK_V` tiles. Per tile it folds
   the scaled logits `x = z/τ` into an online softmax state (`_online_softmax.py`: running
   max, `Σ e^{x−m}`, `Σ e^{x−m}(x−m)`, which give logsumexp and entropy), and updates a
-  running top-k of int64 keys packing (score, id) (`_topk.py`; score = z for `topk`,
-  z/τ + g for `sample`): ties rank the lower id first, −inf entries rank below every finite
-  one. A tile touches the top-k only when its best score beats the current k-th score
-  (later columns carry higher ids, so an equal score never wins); its keys then enter best
-  first, each replacing the current minimum, until none beats it. Rounds = keys that enter
-  the top-k, about k·(1 + ln(V/k)) per row for random rows.
-- one program per row (`_step_row_kernel`) when the batch fills the GPU; otherwise
-  `split_count` splits each row over programs (`_step_split_kernel` writes a partial top-k
-  and `(m, s, t)` per split) and `_step_merge_kernel` combines them per row.
-- select (end of the row / merge kernel): the k keys sorted, ids, the k logits reloaded
-  for `log p` at the ids, logsumexp, entropy, the slot mask (top_p, min_p) and the
-  `prob` / `gumbel` weights. `dirichlet` then draws its k weights in torch
-  (`mixture_math.mixture_weights`, from `generator`).
-- embed (`_step_embed_kernel`, programs over rows × H blocks): the representative token
-  (Gumbel-max over log w, or argmax) and `e = Σ_j w_j E[S_j]` accumulated in float32
-  (float64 for a float64 embedding), stored in the embedding's dtype.
+  running top-k of int64 keys packing (score, id) (`_topk.py`; score = z for `topk` and
+  `sample_topk`, z/τ + g for `sample`): ties rank the lower id first, −inf entries rank
+  below every finite one. A tile touches the top-k only when its best score beats the
+  current k-th score (later columns carry higher ids, so an equal score never wins); its
+  keys then enter best first, each replacing the current minimum, until none beats it.
+  Rounds = keys that enter the top-k, about k·(1 + ln(V/k)) per row for random rows.
+  `sample_topk` also keeps the best key of z/τ + g (its slot 0, y); `iid` keeps instead
+  the best key of z/τ + g_j for each of its k draws, from a `[K_PAD, BLOCK_V]` noise tile
+  (`BLOCK_V` is then at most `IID_TILE / K_PAD`).
+- one program per row (`step_row_kernel`) when the batch fills the GPU; otherwise
+  `split_count` splits each row over programs (`step_split_kernel` writes partial keys
+  and `(m, s, t)` per split) and `step_merge_kernel` combines them per row (top-k of the
+  keys; max of the sampled keys; `iid`: max per draw).
+- select (end of the row / merge kernel): the ids (`topk` / `sample`: the k keys sorted;
+  `iid`: the draws in order, repeats allowed; `sample_topk`: y, then the k−1 best keys
+  other than y), the k logits reloaded for `log p` at the ids, logsumexp, entropy, the
+  slot mask (top_p, min_p) and the `prob` / `gumbel` / `uniform` / `blend` weights.
+  `dirichlet` then draws its k weights in torch (`mixture_math.mixture_weights`, from
+  `generator`).
+- embed (`_embed_token_kernel`, programs over rows × H blocks): the representative slot
+  (Gumbel-max over log w, argmax, or slot 0), stored with its token (the drawn slot: ids
+  may repeat), and `e = Σ_j w_j E[S_j]` accumulated in float32 (float64 for a float64
+  embedding), stored in the embedding's dtype.
 - noise: Gumbel(0, 1) from Philox keyed by one int64 seed per call (`_philox.py`: the
-  seed and counter contract). `philox_step_noise` materialises exactly this noise as a
-  `StepNoise`, so `mixture_step_ref(..., noise=...)` reproduces a Triton step; explicit
-  noise tensors replace the matching streams on both paths.
+  seed and counter contract; `iid` draw j uses counter word 3 = j, draw 0 being the
+  `sample` stream). `philox_step_noise` materialises exactly this noise as a `StepNoise`
+  (`draws=k` for `iid`), so `mixture_step_ref(..., noise=...)` reproduces a Triton step;
+  explicit noise tensors replace the matching streams on both paths.
 - `z/τ` is rounded as the reference rounds it on the same device (CUDA multiplies by the
   float32 reciprocal, the CPU divides), and FMA contraction is off, so the same noise gives
   the same ids. Offsets are int64, accumulation float32.
@@ -64,8 +78,14 @@ import torch
 from ._backend import ENV_VAR, device_guard, resolve_backend, triton
 from ._launch import next_pow2, sm_count
 from ._philox import StepNoise, philox_step_seed
-from ._step_embed import launch_embed
-from ._step_scan import step_merge_kernel, step_row_kernel, step_split_kernel
+from ._step_embed import TOKEN_ARGMAX, TOKEN_FIRST, launch_embed
+from ._step_scan import (
+    SELECTION_CODES,
+    WEIGHTING_CODES,
+    step_merge_kernel,
+    step_row_kernel,
+    step_split_kernel,
+)
 from ._validation import check_float_matrix, check_logits_rows, check_same_device
 from .mixture_embed import mixture_embed_ref
 from .mixture_math import (
@@ -73,9 +93,11 @@ from .mixture_math import (
     mixture_weights,
     representative_slot,
     select_candidates,
+    select_iid,
+    select_sample_topk,
     slot_mask,
 )
-from .spec import MixtureSpec, check_k, spec_from_keywords
+from .spec import RANDOM_SELECTIONS, MixtureSpec, check_k, spec_from_keywords
 
 
 class MixtureStep(NamedTuple):
@@ -89,6 +111,7 @@ class MixtureStep(NamedTuple):
     logsumexp: torch.Tensor  # [B] float32 logsumexp(z/τ)
     entropy: torch.Tensor  # [B] float32 entropy of p
     embeds: torch.Tensor  # [B,H] mixture embedding, embedding dtype
+    token_slot: torch.Tensor  # [B] int64 slot of `token` in `ids` (the drawn slot)
 
 
 def full_distribution_stats(
@@ -114,21 +137,12 @@ def mixture_step_ref(
     """Pure-PyTorch rollout step (the oracle of the Triton kernel); arguments as `mixture_step`.
 
     Random draws, in order, from `generator` unless `noise` gives them: selection noise
-    `[B,V]` (`sample`), weight noise `[B,k]` (`gumbel`) or Gamma draws (`dirichlet`), token
-    noise `[B,k]` (`representative="sample"`).
+    (`[B,V]` for `sample`/`sample_topk`, `[B,k,V]` for `iid`), weight noise `[B,k]`
+    (`gumbel`) or Gamma draws (`dirichlet`), token noise `[B,k]` (`representative="sample"`).
     """
     noise = noise or StepNoise()
     scaled, lse, entropy = full_distribution_stats(logits, spec.temperature)
-    if spec.selection == "topk":
-        scores = logits.float()
-    else:
-        selection_noise = noise.selection
-        if selection_noise is None:
-            selection_noise = gumbel_noise(
-                tuple(scaled.shape), device=scaled.device, generator=generator
-            )
-        scores = scaled + selection_noise.float()
-    ids = select_candidates(scores, spec.k)
+    ids = _select(logits, scaled, spec, noise.selection, generator)
     logprobs = scaled.gather(-1, ids) - lse.unsqueeze(-1)
     max_logprob = scaled.max(-1).values - lse
     mask = slot_mask(logprobs, max_logprob, top_p=spec.top_p, min_p=spec.min_p)
@@ -138,6 +152,7 @@ def mixture_step_ref(
         spec.weighting,
         concentration=spec.concentration,
         gumbel_temperature=spec.gumbel_temperature,
+        blend_beta=spec.blend_beta,
         generator=generator,
         weight_noise=noise.weight,
     )
@@ -146,7 +161,27 @@ def mixture_step_ref(
     )
     token = ids.gather(-1, slot.unsqueeze(-1)).squeeze(-1)
     embeds = mixture_embed_ref(embedding, ids, weights)
-    return MixtureStep(ids, weights, mask, token, logprobs, lse, entropy, embeds)
+    return MixtureStep(ids, weights, mask, token, logprobs, lse, entropy, embeds, slot)
+
+
+def selection_noise_shape(spec: MixtureSpec, batch: int, vocab: int) -> tuple[int, ...]:
+    """Shape of the selection noise of a step: `[B,k,V]` for `iid`, `[B,V]` otherwise."""
+    return (batch, spec.k, vocab) if spec.selection == "iid" else (batch, vocab)
+
+
+def _select(logits, scaled, spec: MixtureSpec, noise, generator) -> torch.Tensor:
+    """Candidate ids `[B,k]` of the spec's selection (noise drawn from `generator` if None)."""
+    if spec.selection == "topk":
+        return select_candidates(logits.float(), spec.k)
+    if noise is None:
+        shape = selection_noise_shape(spec, *scaled.shape)
+        noise = gumbel_noise(shape, device=scaled.device, generator=generator)
+    if spec.selection == "iid":
+        return select_iid(scaled, noise)
+    sampled = scaled + noise.float()
+    if spec.selection == "sample_topk":
+        return select_sample_topk(logits, sampled, spec.k)
+    return select_candidates(sampled, spec.k)
 
 
 def check_step_args(
@@ -171,7 +206,11 @@ def check_step_args(
     check_k(spec.k, logits.shape[1])
     batch, vocab = logits.shape
     noise = noise or StepNoise()
-    shapes = {"selection": (batch, vocab), "weight": (batch, spec.k), "token": (batch, spec.k)}
+    shapes = {
+        "selection": selection_noise_shape(spec, batch, vocab),
+        "weight": (batch, spec.k),
+        "token": (batch, spec.k),
+    }
     for name, tensor in noise._asdict().items():
         if tensor is None:
             continue
@@ -191,9 +230,9 @@ def check_step_args(
 # Triton kernels
 # --------------------------------------------------------------------------------------
 
-# Noise sources (constexpr codes) and weighting codes of the kernels.
+# Noise sources of a stream (the kernels' constexprs SEL_NOISE, W_NOISE, TOKEN; `_philox.py`).
+# The selection and weighting codes are `_step_scan.py`'s, the token codes `_step_embed.py`'s.
 _NOISE_NONE, _NOISE_GIVEN, _NOISE_PHILOX = 0, 1, 2
-_WEIGHTING_CODES = {"prob": 0, "gumbel": 1, "dirichlet": 2}  # 2: weights drawn in torch
 
 
 # --------------------------------------------------------------------------------------
@@ -207,6 +246,7 @@ PROGRAMS_PER_SM = 2  # split target when the batch alone cannot fill the GPU
 MIN_SPLIT_COLUMNS = 2048  # a split program streams at least this many columns
 MERGE_TILE = 2048  # partial keys a merge program loads at once
 TRITON_MAX_K = 64  # larger k: the reference (auto) or a clear error (forced Triton)
+IID_TILE = 4096  # K_PAD · BLOCK_V noise elements an `iid` scan tile holds (default block_v)
 
 
 def split_count(batch: int, vocab: int, num_sms: int) -> int:
@@ -244,8 +284,8 @@ class _Plan(NamedTuple):
     """Per-call constants of the Triton step: constexpr codes and scalar arguments."""
 
     codes: dict  # constexpr switches shared by the scan/select kernels
-    scalars: dict  # τ, 1/τ, top_p, log min_p, λ as the kernels name them
-    token: int  # noise source of the representative token
+    scalars: dict  # τ, 1/τ, top_p, log min_p, λ, β as the kernels name them
+    token: int  # the embed kernel's TOKEN code (representative slot and its noise source)
     k_pad: int
 
 
@@ -259,9 +299,10 @@ def _make_plan(device: torch.device, spec: MixtureSpec, noise: StepNoise) -> _Pl
     """Kernel codes and scalars of one step."""
     use_min_p = bool(spec.min_p)
     codes = dict(
-        SEL_NOISE=_noise_source(spec.selection == "sample", noise.selection),
+        SELECTION=SELECTION_CODES[spec.selection],
+        SEL_NOISE=_noise_source(spec.selection in RANDOM_SELECTIONS, noise.selection),
         W_NOISE=_noise_source(spec.weighting == "gumbel", noise.weight),
-        WEIGHTING=_WEIGHTING_CODES[spec.weighting],
+        WEIGHTING=WEIGHTING_CODES[spec.weighting],
         USE_TOP_P=spec.top_p is not None,
         USE_MIN_P=use_min_p,
         RECIPROCAL=device.type == "cuda",
@@ -273,8 +314,11 @@ def _make_plan(device: torch.device, spec: MixtureSpec, noise: StepNoise) -> _Pl
         top_p=float(spec.top_p) if spec.top_p is not None else 1.0,
         log_min_p=math.log(spec.min_p) if use_min_p else 0.0,
         gumbel_temperature=float(spec.gumbel_temperature),
+        blend_beta=float(spec.blend_beta),
     )
-    token = _noise_source(spec.representative == "sample", noise.token)
+    token = {"argmax": TOKEN_ARGMAX, "first": TOKEN_FIRST}.get(spec.representative)
+    if token is None:
+        token = _noise_source(True, noise.token)
     return _Plan(codes=codes, scalars=scalars, token=token, k_pad=codes["K_PAD"])
 
 
@@ -301,22 +345,29 @@ def _launch_select(logits, k, plan, seed, noise, splits, block_v):
     batch, vocab = logits.shape
     outs = _select_outputs(batch, k, logits.device)
     seed = seed if seed is not None else logits  # placeholders are never read
-    sel_noise = noise.selection if noise.selection is not None else logits
     weight_noise = noise.weight if noise.weight is not None else logits
+    sel_noise = noise.selection  # [B,V], or [B,k,V] for iid (contiguous float32)
+    if sel_noise is None:
+        sel_noise, stride_noise_row, stride_noise_draw = logits, 0, 0
+    else:
+        stride_noise_row = sel_noise.stride(0)
+        stride_noise_draw = sel_noise.stride(1) if sel_noise.dim() == 3 else 0
     row = dict(logits_ptr=logits, stride_row=logits.stride(0), stride_col=logits.stride(1))
     scan = dict(
+        k=k,
         temperature=plan.scalars["temperature"],
         inv_temperature=plan.scalars["inv_temperature"],
         K_PAD=plan.k_pad,
+        SELECTION=plan.codes["SELECTION"],
         RECIPROCAL=plan.codes["RECIPROCAL"],
         num_warps=SCAN_WARPS,
         enable_fp_fusion=False,  # z·(1/τ) + g rounds twice, as the reference does
     )
     select = dict(
-        k=k,
         top_p=plan.scalars["top_p"],
         log_min_p=plan.scalars["log_min_p"],
         gumbel_temperature=plan.scalars["gumbel_temperature"],
+        blend_beta=plan.scalars["blend_beta"],
         WEIGHTING=plan.codes["WEIGHTING"],
         USE_TOP_P=plan.codes["USE_TOP_P"],
         USE_MIN_P=plan.codes["USE_MIN_P"],
@@ -327,17 +378,26 @@ def _launch_select(logits, k, plan, seed, noise, splits, block_v):
     )
     sample = dict(
         sel_noise_ptr=sel_noise,
+        stride_noise_row=stride_noise_row,
+        stride_noise_draw=stride_noise_draw,
         BLOCK_V=block_v,
-        SAMPLE=plan.codes["SEL_NOISE"] != _NOISE_NONE,
         SEL_NOISE=plan.codes["SEL_NOISE"],
     )
     splits, chunk = _split_plan(vocab, splits, block_v)
     if splits == 1:
         step_row_kernel[(batch,)](V=vocab, **row, **scan, **select, **sample)
         return tuple(outs.values())
-    part_keys = torch.empty(batch, splits, plan.k_pad, dtype=torch.int64, device=logits.device)
+    on = dict(dtype=torch.int64, device=logits.device)
+    part_keys = torch.empty(batch, splits, plan.k_pad, **on)
+    sample_topk = plan.codes["SELECTION"] == SELECTION_CODES["sample_topk"]
+    part_sampled = torch.empty(batch, splits, **on) if sample_topk else part_keys
     part_stats = torch.empty(batch, splits, 3, dtype=torch.float32, device=logits.device)
-    parts = dict(part_keys_ptr=part_keys, part_stats_ptr=part_stats, n_split=splits)
+    parts = dict(
+        part_keys_ptr=part_keys,
+        part_sampled_ptr=part_sampled,
+        part_stats_ptr=part_stats,
+        n_split=splits,
+    )
     step_split_kernel[(batch, splits)](
         V=vocab, chunk=chunk, seed_ptr=seed, **row, **parts, **scan, **sample
     )
@@ -346,10 +406,13 @@ def _launch_select(logits, k, plan, seed, noise, splits, block_v):
     return tuple(outs.values())
 
 
-def _check_tuning(splits: int | None, block_v: int | None, k_pad: int) -> int:
+def _check_tuning(splits: int | None, block_v: int | None, k_pad: int, iid: bool) -> int:
+    """The scan tile: `block_v`, or by default `BLOCK_V` (`iid`: at most `IID_TILE / K_PAD`
+    columns, its noise tile being `[K_PAD, block_v]`)."""
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"vocab_splits must be an integer >= 1, got {splits!r}")
-    block_v = BLOCK_V if block_v is None else block_v
+    if block_v is None:
+        block_v = max(16, min(BLOCK_V, IID_TILE // k_pad)) if iid else BLOCK_V
     if not isinstance(block_v, int) or block_v < max(16, k_pad) or block_v & (block_v - 1):
         raise ValueError(
             f"block_v must be a power of two >= max(16, next_pow2(k)={k_pad}), got {block_v!r}"
@@ -371,8 +434,9 @@ def mixture_step_triton(
 
     Noise: streams `noise` does not give come from Philox keyed by one seed drawn from
     `generator` (`philox_step_seed`), before the Dirichlet draws (which use `generator` in
-    torch). `vocab_splits` (programs per row; default `split_count`) and `block_v` (scan
-    tile, a power of two) override the launch heuristics.
+    torch); `noise.selection` is `[B,k,V]` for `iid`. `vocab_splits` (programs per row;
+    default `split_count`) and `block_v` (scan tile, a power of two) override the launch
+    heuristics.
 
     Returns:
         `MixtureStep` with the reference's shapes and dtypes.
@@ -385,7 +449,7 @@ def mixture_step_triton(
     batch, vocab = logits.shape
     device = logits.device
     plan = _make_plan(device, spec, noise)
-    block_v = _check_tuning(vocab_splits, block_v, plan.k_pad)
+    block_v = _check_tuning(vocab_splits, block_v, plan.k_pad, spec.selection == "iid")
     if batch == 0:
         return mixture_step_ref(logits, embedding, MixtureSpec(k=spec.k))
     sources = (plan.codes["SEL_NOISE"], plan.codes["W_NOISE"], plan.token)
@@ -400,7 +464,7 @@ def mixture_step_triton(
             weights = mixture_weights(
                 logprobs, mask, "dirichlet", concentration=spec.concentration, generator=generator
             )
-        token, embeds = launch_embed(
+        token, slot, embeds = launch_embed(
             embedding,
             ids,
             weights,
@@ -409,12 +473,32 @@ def mixture_step_triton(
             token_noise=noise.token,
             token_source=plan.token,
         )
-    return MixtureStep(ids, weights, mask, token, logprobs, lse, entropy, embeds)
+    return MixtureStep(ids, weights, mask, token, logprobs, lse, entropy, embeds, slot)
 
 
 # --------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------
+
+# Modes of the spec the Triton kernels implement (today all of them); others run the reference.
+TRITON_SELECTIONS = ("topk", "sample", "iid", "sample_topk")
+TRITON_WEIGHTINGS = ("prob", "dirichlet", "gumbel", "uniform", "blend")
+TRITON_REPRESENTATIVES = ("sample", "argmax", "first")
+
+
+def triton_unsupported(spec: MixtureSpec) -> str | None:
+    """Why the Triton path cannot run `spec` (None when it can)."""
+    if spec.k > TRITON_MAX_K:
+        return f"the Triton path supports k <= {TRITON_MAX_K}, got k={spec.k}"
+    for name, value, supported in (
+        ("selection", spec.selection, TRITON_SELECTIONS),
+        ("weighting", spec.weighting, TRITON_WEIGHTINGS),
+        ("representative", spec.representative, TRITON_REPRESENTATIVES),
+    ):
+        if value not in supported:
+            return f"the Triton path has no {name}={value!r} yet"
+    return None
+
 
 _LEGACY_NOISE = {"selection_noise": "selection", "weight_noise": "weight", "token_noise": "token"}
 
@@ -438,8 +522,9 @@ def mixture_step(
             reference draws its noise from it with `torch.rand`; the Triton path draws one
             Philox seed from it (`philox_step_seed`) and the noise in-kernel, so the two paths
             give different (equally distributed) samples for the same generator state.
-        noise: a `StepNoise` of explicit Gumbel noise (`selection [B,V]`, `weight [B,k]`,
-            `token [B,k]`, each optional) replacing the draws from `generator`.
+        noise: a `StepNoise` of explicit Gumbel noise (`selection [B,V]`, `[B,k,V]` for
+            `iid`; `weight [B,k]`, `token [B,k]`; each optional) replacing the draws from
+            `generator`.
         backend: None (auto), `"reference"` or `"triton"`; env `MOTG_BACKEND` as fallback.
             The Triton path takes k ≤ `TRITON_MAX_K` (64); auto uses the reference above.
         validate: check logits for NaN, +inf and fully masked rows (one host sync).
@@ -447,7 +532,8 @@ def mixture_step(
             `selection_noise=`/`weight_noise=`/`token_noise=`) instead of `spec`/`noise`.
 
     Returns:
-        `MixtureStep(ids, weights, mask, token, logprobs, logsumexp, entropy, embeds)`.
+        `MixtureStep(ids, weights, mask, token, logprobs, logsumexp, entropy, embeds,
+        token_slot)`.
     """
     old_names = sorted(n for n in legacy if n in _LEGACY_NOISE)
     if old_names and (spec is not None or noise is not None):
@@ -460,12 +546,10 @@ def mixture_step(
     noise = StepNoise(**old_noise) if old_noise else noise
     check_step_args(logits, embedding, spec, noise, validate=validate)
     path = resolve_backend("mixture_step", backend, logits.device)
-    if path == "triton" and spec.k > TRITON_MAX_K:
+    unsupported = triton_unsupported(spec)
+    if path == "triton" and unsupported:
         if backend is not None or os.environ.get(ENV_VAR):
-            raise ValueError(
-                f"mixture_step: the Triton path supports k <= {TRITON_MAX_K}, got k={spec.k}; "
-                "use backend='reference'"
-            )
+            raise ValueError(f"mixture_step: {unsupported}; use backend='reference'")
         path = "reference"
     step = mixture_step_triton if path == "triton" else mixture_step_ref
     return step(logits, embedding, spec, generator=generator, noise=noise)

@@ -7,15 +7,26 @@
 The fields are the math of `mixture_step.py` (selection S, weights w, representative y):
 - `k` candidate slots (k = 1: ordinary decoding; `topk` greedy, `sample` multinomial);
 - `temperature` τ of `p = softmax(z/τ)`;
-- `selection`: `topk` (the k largest logits) or `sample` (Gumbel-top-k, k draws from p
-  without replacement);
-- `weighting`: `prob` (p renormalised over the slots), `dirichlet` (Dir(c·p̃), c =
-  `concentration`) or `gumbel` (softmax((log p̃ + g)/λ), λ = `gumbel_temperature`);
+- `selection`: `topk` (the k largest logits), `sample` (Gumbel-top-k, k draws from p
+  without replacement), `iid` (k independent draws from p, duplicates allowed: Multiplex
+  Thinking) or `sample_topk` (slot 0 is one draw y ~ p, slots 1…k−1 the k−1 most probable
+  other tokens: Mixture of Inputs);
+- `weighting`: `prob` (p renormalised over the slots, p̃), `dirichlet` (Dir(c·p̃), c =
+  `concentration`), `gumbel` (softmax((log p̃ + g)/λ), λ = `gumbel_temperature`),
+  `uniform` (1/m over the m valid slots; a token drawn twice counts twice) or `blend`
+  (Mixture of Inputs' posterior mean `(β p̃ + onehot_0) / (β + 1)`, β = `blend_beta`:
+  β → 0 feeds back the sampled token alone);
 - `top_p`, `min_p`: filters on the k slots of a thinking step (a slot stays while the mass
   of the slots before it is below `top_p`; `p_j ≥ min_p · max p`); they filter *mixture
   slots*, so they need k ≥ 2, and the discrete answer phase of a run samples from the full
   distribution (`answer_spec`);
-- `representative`: `sample` (y ~ Cat(w)) or `argmax` (the heaviest slot).
+- `representative`: `sample` (y ~ Cat(w)), `argmax` (the heaviest slot) or `first` (slot 0);
+- `noise_std`: σ of Gaussian noise added to the mixture embedding of a thinking step,
+  `x = Σ_j w_j E[S_j] + σ ε`, ε ~ N(0, I_H) from a counter-based seed (Soft Tokens, Hard
+  Truths; needs `weighting="prob"`; 0 = off);
+- `cold_stop_entropy`, `cold_stop_steps`: end the thinking phase once the step's entropy
+  stays below the threshold for that many consecutive steps (Soft Thinking's Cold Stop;
+  the engine then writes the end-of-thinking marker; None = off).
 
 A spec is frozen and checked once, on creation, with one-line errors; the ops trust it.
 Imports nothing but the standard library (the kernels folder stays torch + triton only).
@@ -29,10 +40,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-SELECTIONS = ("topk", "sample")
-WEIGHTINGS = ("prob", "dirichlet", "gumbel")
-REPRESENTATIVES = ("sample", "argmax")
+SELECTIONS = ("topk", "sample", "iid", "sample_topk")
+WEIGHTINGS = ("prob", "dirichlet", "gumbel", "uniform", "blend")
+REPRESENTATIVES = ("sample", "argmax", "first")
 LIKELIHOODS = ("token", "weighted", "exact")
+RANDOM_SELECTIONS = ("sample", "iid", "sample_topk")  # S is drawn, not fixed by the logits
+RANDOM_WEIGHTINGS = ("dirichlet", "gumbel")  # w is drawn given S
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -40,9 +53,12 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_positive(name: str, value: float) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value > 0):
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -81,8 +97,18 @@ class MixtureSpec:
     concentration: float = _field(1.0, "Dirichlet concentration c (weighting=dirichlet)")
     gumbel_temperature: float = _field(1.0, "Gumbel-softmax temperature λ (weighting=gumbel)")
     representative: str = _field(
-        "sample", "representative token: sample from w, or argmax", choices=REPRESENTATIVES
+        "sample",
+        "representative token: sample from w, argmax of w, or first (slot 0)",
+        choices=REPRESENTATIVES,
     )
+    blend_beta: float = _field(1.0, "Mixture of Inputs' β (weighting=blend)")
+    noise_std: float = _field(
+        0.0, "σ of Gaussian noise on the thinking-step input embedding (0: off)"
+    )
+    cold_stop_entropy: float | None = _field(
+        None, "end thinking once the step entropy stays below this (none: off)"
+    )
+    cold_stop_steps: int = _field(4, "consecutive low-entropy steps that end thinking")
 
     def __post_init__(self) -> None:
         check_k(self.k)
@@ -94,6 +120,24 @@ class MixtureSpec:
         check_probability("min_p", self.min_p, allow_zero=True)
         check_positive("concentration", self.concentration)
         check_positive("gumbel_temperature", self.gumbel_temperature)
+        check_positive("blend_beta", self.blend_beta)
+        if not (
+            _is_number(self.noise_std) and math.isfinite(self.noise_std) and self.noise_std >= 0
+        ):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+        if self.noise_std > 0 and self.weighting != "prob":
+            raise ValueError(
+                "noise_std > 0 (Gaussian soft tokens) needs weighting='prob': the noise is "
+                f"added around the probability-weighted embedding, got {self.weighting!r}"
+            )
+        if self.weighting == "blend" and self.representative == "sample":
+            raise ValueError(
+                "weighting='blend' (Mixture of Inputs) feeds back slot 0, the sampled token: "
+                "use representative='first' (or 'argmax')"
+            )
+        if self.cold_stop_entropy is not None:
+            check_positive("cold_stop_entropy", self.cold_stop_entropy)
+        check_k(self.cold_stop_steps)
         if self.k == 1 and self.has_filters:
             raise ValueError(
                 "top_p and min_p filter the k mixture slots of a thinking step; with k=1 there "
@@ -109,17 +153,27 @@ class MixtureSpec:
 
     @property
     def is_deterministic(self) -> bool:
-        """No random draw at all: `topk` + `prob` with a deterministic token (k = 1 or argmax)."""
-        fixed_token = self.k == 1 or self.representative == "argmax"
-        return self.selection == "topk" and self.weighting == "prob" and fixed_token
+        """No random draw at all: `topk`, deterministic weights, a deterministic token (k = 1,
+        argmax or first) and no Gaussian noise."""
+        fixed_token = self.k == 1 or self.representative != "sample"
+        return self._fixed_mixture and fixed_token
+
+    @property
+    def _fixed_mixture(self) -> bool:
+        """S and w are functions of the logits (no draw, no noise)."""
+        return (
+            self.selection == "topk"
+            and self.weighting not in RANDOM_WEIGHTINGS
+            and self.noise_std == 0
+        )
 
     @property
     def needs_noise(self) -> bool:
         """Whether a step draws random numbers (and so advances the generator): a sampled
         selection, random weights or a sampled token; the outcome may still be fixed (k = 1)."""
         return (
-            self.selection == "sample"
-            or self.weighting != "prob"
+            self.selection in RANDOM_SELECTIONS
+            or self.weighting in RANDOM_WEIGHTINGS
             or self.representative == "sample"
         )
 
@@ -134,11 +188,7 @@ class MixtureSpec:
 
         `exact` needs a random part: `topk` + `prob` with an argmax token has none.
         """
-        no_exact = (
-            self.selection == "topk"
-            and self.weighting == "prob"
-            and self.representative == "argmax"
-        )
+        no_exact = self._fixed_mixture and self.representative != "sample"
         return ("token", "weighted") if no_exact else LIKELIHOODS
 
     def check_likelihood(self, likelihood: str) -> None:
@@ -146,10 +196,10 @@ class MixtureSpec:
         check_choice("likelihood", likelihood, LIKELIHOODS)
         if likelihood not in self.likelihoods:
             raise ValueError(
-                "likelihood='exact' is undefined for selection='topk', weighting='prob' and "
-                "representative='argmax': the action is a deterministic function of the "
-                "logits. Use a random selection, weighting or representative, or "
-                "likelihood='token'/'weighted'."
+                f"likelihood='exact' is undefined for selection='{self.selection}', "
+                f"weighting='{self.weighting}' and representative='{self.representative}': "
+                "the action is a deterministic function of the logits. Use a random "
+                "selection, weighting or representative, or likelihood='token'/'weighted'."
             )
 
     def answer_spec(self) -> MixtureSpec:
@@ -162,6 +212,13 @@ class MixtureSpec:
         )
 
     # ---- construction and (de)serialisation -------------------------------------------
+
+    @classmethod
+    def preset(cls, method: str) -> MixtureSpec:
+        """The spec of a published method (`METHODS`: discrete, soft_thinking, …)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+        return METHODS[method].spec
 
     def replace(self, **changes: Any) -> MixtureSpec:
         """A copy with `changes` applied (validated again)."""
@@ -183,6 +240,83 @@ class MixtureSpec:
         missing = object()
         found = {name: get(name, missing) for name in cls.field_names()}
         return cls(**{name: v for name, v in found.items() if v is not missing})
+
+
+@dataclass(frozen=True)
+class Method:
+    """A published mixture-of-tokens method as spec values and the likelihood we train with."""
+
+    fields: dict  # MixtureSpec fields (the rest keep their defaults)
+    likelihood: str
+    source: str  # the paper
+
+    @property
+    def spec(self) -> MixtureSpec:
+        return MixtureSpec(**self.fields)
+
+
+METHODS: dict[str, Method] = {
+    "discrete": Method(
+        dict(k=1, temperature=0.9, selection="sample"), "token", "standard GRPO (one token)"
+    ),
+    "soft_thinking": Method(
+        dict(
+            k=8,
+            temperature=0.9,
+            selection="topk",
+            weighting="prob",
+            cold_stop_entropy=0.1,
+            cold_stop_steps=16,
+        ),
+        "exact",
+        "Soft Thinking (Zhang et al., arXiv 2505.15778)",
+    ),
+    "paper_dirichlet": Method(
+        dict(k=2, temperature=0.9, selection="topk", weighting="dirichlet"),
+        "exact",
+        "MoT-G, Dirichlet (Jain & Rappazzo, arXiv 2509.21482)",
+    ),
+    "paper_different_tokens": Method(
+        dict(k=2, temperature=0.9, selection="sample", weighting="prob"),
+        "exact",
+        "MoT-G, different tokens (Jain & Rappazzo, arXiv 2509.21482)",
+    ),
+    "softgrpo": Method(
+        dict(k=4, temperature=0.9, selection="topk", weighting="gumbel", gumbel_temperature=0.5),
+        "exact",
+        "SofT-GRPO (Zheng et al., arXiv 2511.06411)",
+    ),
+    "multiplex": Method(
+        dict(k=3, temperature=0.9, selection="iid", weighting="uniform"),
+        "exact",
+        "Multiplex Thinking (Tang et al., arXiv 2601.08808)",
+    ),
+    "moi": Method(
+        dict(
+            k=4,
+            temperature=0.9,
+            selection="sample_topk",
+            weighting="blend",
+            blend_beta=1.0,
+            representative="first",
+        ),
+        "exact",
+        "Mixture of Inputs (Zhuang et al., arXiv 2505.14827)",
+    ),
+    "soft_tokens": Method(
+        dict(
+            k=8,
+            temperature=0.9,
+            selection="topk",
+            weighting="prob",
+            noise_std=0.05,
+            representative="argmax",
+        ),
+        "exact",
+        "Soft Tokens, Hard Truths (Butt et al., arXiv 2509.19170)",
+    ),
+}
+"""`--method NAME`: each sets the spec fields above (and the likelihood) before explicit flags."""
 
 
 def spec_from_keywords(op: str, spec: MixtureSpec | None, legacy: dict) -> MixtureSpec:

@@ -20,7 +20,8 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .config import PRESETS, Config, read_config_file
+from .config import PRESETS, Config, method_values, read_config_file
+from .kernels.spec import METHODS
 
 
 class _OneLineParser(HfArgumentParser):
@@ -80,10 +81,12 @@ def build_parser(
 def _file_and_preset(
     parser: HfArgumentParser, argv: Sequence[str], presets: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """The values of ``--config FILE`` then ``--preset NAME`` (later wins)."""
+    """The values of ``--config FILE``, ``--preset NAME``, then ``--method NAME`` (later
+    wins; explicit flags come after all three)."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config", default=None)
     first.add_argument("--preset", default=None, choices=list(presets))
+    first.add_argument("--method", default=None, choices=list(METHODS))
     first.error = parser.error
     known, _ = first.parse_known_args(argv)
     values: dict[str, Any] = {}
@@ -91,6 +94,8 @@ def _file_and_preset(
         values.update(read_config_file(known.config))
     if known.preset:
         values.update(presets[known.preset])
+    if known.method:
+        values.update(method_values(known.method))
     return values
 
 

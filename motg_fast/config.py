@@ -25,6 +25,7 @@ from typing import Any
 
 from .grpo import ADVANTAGE_SCALINGS, AGGREGATIONS
 from .kernels import LIKELIHOODS, MixtureSpec
+from .kernels.spec import METHODS
 from .models import DEFAULT_MODEL
 from .prompting import SYSTEM_PROMPT
 
@@ -100,6 +101,11 @@ class Config:
     system_prompt: str = _f(SYSTEM_PROMPT, "system prompt asking for <think>/<answer>")
 
     # --- decoding: the MixtureSpec fields (k = 2, τ = 0.9, ...) are inserted here --------
+    method: str | None = _f(
+        None,
+        "a published method, setting the spec fields and the likelihood before explicit "
+        f"flags: {', '.join(METHODS)}",
+    )
     max_prompt_tokens: int = _f(512, "prompt length limit (longer questions are cut in the middle)")
     max_new_tokens: int = _f(256, "completion length limit")
 
@@ -143,8 +149,15 @@ class Config:
         False, "start over in a run_dir that holds a previous run (deletes its outputs)"
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory)")
+    deterministic: bool = _f(
+        True,
+        "bit-identical mixture-embedding gradients on CUDA (sorted segment sums, no atomics)",
+    )
     log_every: int = _f(1, "without the progress bar, print a metrics line every N steps")
     progress: bool = _f(True, "show progress bars")
+    report_to: str = _f(
+        "none", "metrics trackers of accelerate, comma-separated: tensorboard, wandb, ... (none)"
+    )
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # a list from the command line or a file
@@ -182,6 +195,8 @@ class Config:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.dataset_size < 2:
             raise ValueError(f"dataset_size must be >= 2, got {self.dataset_size}")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; methods: {', '.join(METHODS)}")
         MixtureSpec.from_mapping(self)  # the spec checks its own fields
         from .tasks import check_tasks  # local: reasoning_gym loads only when needed
 
@@ -324,7 +339,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 # Fields a resumed run may change: its length, evaluation and checkpoint cadence, outputs,
 # progress display, device placement and memory knobs (micro-batches, activation
-# checkpointing, attention kernel) — none changes what is trained or how it is sampled.
+# checkpointing, attention kernel, gradient summation order) — none changes what is trained or
+# how it is sampled.
 RESUMABLE_CHANGES = frozenset(
     {
         "steps",
@@ -340,11 +356,13 @@ RESUMABLE_CHANGES = frozenset(
         "overwrite",
         "progress",
         "log_every",
+        "report_to",
         "run_dir",
         "device",
         "attn_implementation",
         "grad_accum",
         "gradient_checkpointing",
+        "deterministic",
     }
 )
 
@@ -419,6 +437,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 """Named sets of field values, applied before explicit flags."""
+
+
+def method_values(name: str) -> dict[str, Any]:
+    """The config values of `--method NAME`: its spec fields, likelihood and name."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
+    method = METHODS[name]
+    return {**method.fields, "likelihood": method.likelihood, "method": name}
 
 
 def preset(name: str) -> dict[str, Any]:

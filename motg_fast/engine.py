@@ -51,163 +51,19 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .cache import PreallocatedCache, check_layer_types
-from .kernels import MixtureSpec, mixture_step, token_slot
+from .decode_state import Active, Known, Plan, Record, Step
+from .kernels import MixtureSpec, mixture_step
+from .kernels.gaussian import gaussian_input_noise
 from .kernels.spec import check_k
 from .marker import MarkerMatcher, decode_token_texts
 from .types import Phase, Trajectories, left_pad
 
 __all__ = ["RolloutEngine"]
-
-
-# --------------------------------------------------------------------------------------
-# Decode-loop state
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """One `generate` call's validated inputs."""
-
-    prompts: list[list[int]]  # B prompts
-    group_size: int  # G
-    spec: MixtureSpec
-    steps: int  # T, max new tokens
-    generator: torch.Generator | None
-    share_prefill: bool
-    return_logits: bool
-    progress: bool
-
-    @property
-    def rows(self) -> int:
-        """N = B·G trajectories."""
-        return len(self.prompts) * self.group_size
-
-    def row_prompts(self) -> list[list[int]]:
-        """The prompt of each of the N trajectories."""
-        return [list(p) for p in self.prompts for _ in range(self.group_size)]
-
-
-@dataclass
-class _Known:
-    """What the host knows of the live rows' phases, refreshed at each sync.
-
-    Thinking rows never come back, so `thinking` (some live row may be thinking) stays
-    valid between syncs; `discrete` (some live row is discrete) is exact only right after a
-    sync, since rows may switch at any step.
-    """
-
-    thinking: bool = True
-    discrete: bool = False
-    exact: bool = True  # no step since the last sync
-
-    @property
-    def need_discrete(self) -> bool:
-        return self.discrete or (self.thinking and not self.exact)
-
-
-@dataclass
-class _Active:
-    """Per-row state of the rows still in the batch (n of them, in cache-row order)."""
-
-    rows: torch.Tensor  # [n] int64 trajectory index
-    position: torch.Tensor  # [n] int64 position id of the next input
-    phase: torch.Tensor  # [n] int8
-    marker: torch.Tensor | None  # [n] int64 automaton state
-    alive: torch.Tensor  # [n] bool: still generating
-    padding: torch.Tensor | None  # [n, P+T-1] bool attention mask (None: no padding)
-
-    def keep(self, index: torch.Tensor) -> None:
-        for name in ("rows", "position", "phase", "marker", "alive", "padding"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.index_select(0, index))
-
-
-class _Record:
-    """Step-major output buffers `[T, N, …]`, written at the active rows each step."""
-
-    def __init__(self, plan: _Plan, vocab: int, device: torch.device):
-        steps, rows, k = plan.steps, plan.rows, plan.spec.k
-        z = dict(device=device)
-        self.ids = torch.zeros(steps, rows, k, dtype=torch.int64, **z)
-        self.weights = torch.zeros(steps, rows, k, dtype=torch.float32, **z)
-        self.mask = torch.zeros(steps, rows, k, dtype=torch.bool, **z)
-        self.logprobs = torch.zeros(steps, rows, k, dtype=torch.float32, **z)
-        self.token = torch.zeros(steps, rows, dtype=torch.int64, **z)
-        self.phase = torch.zeros(steps, rows, dtype=torch.int8, **z)
-        self.entropy = torch.zeros(steps, rows, dtype=torch.float32, **z)
-        self.alive = torch.zeros(steps, rows, dtype=torch.bool, **z)
-        self.logits = None
-        if plan.return_logits:
-            self.logits = torch.zeros(steps, rows, vocab, dtype=torch.float32, **z)
-
-    def write(self, t: int, active: _Active, step: _Step, logits: torch.Tensor) -> None:
-        rows = active.rows
-        self.ids[t].index_copy_(0, rows, step.ids)
-        self.weights[t].index_copy_(0, rows, step.weights.float())
-        self.mask[t].index_copy_(0, rows, step.mask)
-        self.logprobs[t].index_copy_(0, rows, step.logprobs.float())
-        self.token[t].index_copy_(0, rows, step.token)
-        self.phase[t].index_copy_(0, rows, active.phase)
-        self.entropy[t].index_copy_(0, rows, step.entropy.float())
-        self.alive[t].index_copy_(0, rows, active.alive)
-        if self.logits is not None:
-            self.logits[t].index_copy_(0, rows, logits.float())
-
-
-@dataclass
-class _Step:
-    """One decode step's actions for the active rows (k slots)."""
-
-    ids: torch.Tensor  # [n,k]
-    weights: torch.Tensor  # [n,k]
-    mask: torch.Tensor  # [n,k]
-    token: torch.Tensor  # [n]
-    logprobs: torch.Tensor  # [n,k]
-    entropy: torch.Tensor  # [n]
-    embeds: torch.Tensor  # [n,H]
-
-    @classmethod
-    def discrete(cls, step, k: int) -> _Step:
-        """A k = 1 `MixtureStep` stored in k slots: ids `[y]*k`, weights `[1,0,…]`."""
-        n = step.ids.shape[0]
-        first = torch.zeros(n, k, dtype=torch.bool, device=step.ids.device)
-        first[:, 0] = True
-        return cls(
-            ids=step.ids.expand(n, k),
-            weights=first.float(),
-            mask=first,
-            token=step.token,
-            logprobs=step.logprobs.expand(n, k),
-            entropy=step.entropy,
-            embeds=step.embeds,
-        )
-
-    @classmethod
-    def of(cls, step) -> _Step:
-        return cls(
-            step.ids, step.weights, step.mask, step.token, step.logprobs, step.entropy, step.embeds
-        )
-
-    @classmethod
-    def blend(cls, mixture: _Step, discrete: _Step, use_discrete: torch.Tensor) -> _Step:
-        """Row-wise choice: `discrete` where `use_discrete [n]` is True, else `mixture`."""
-        row = use_discrete.unsqueeze(-1)
-        return cls(
-            ids=torch.where(row, discrete.ids, mixture.ids),
-            weights=torch.where(row, discrete.weights, mixture.weights),
-            mask=torch.where(row, discrete.mask, mixture.mask),
-            token=torch.where(use_discrete, discrete.token, mixture.token),
-            logprobs=torch.where(row, discrete.logprobs, mixture.logprobs),
-            entropy=mixture.entropy,
-            embeds=torch.where(row, discrete.embeds, mixture.embeds),
-        )
 
 
 # --------------------------------------------------------------------------------------
@@ -294,6 +150,7 @@ class RolloutEngine:
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._cache_kwarg = _cache_argument(model)
         self._matcher: MarkerMatcher | None = None
+        self._marker_ids: torch.Tensor | None = None
 
     # ---- construction helpers ---------------------------------------------------------
 
@@ -324,6 +181,14 @@ class RolloutEngine:
             if value is not None and 0 <= value < self.vocab_size:
                 return int(value)
         return 0
+
+    @property
+    def marker_ids(self) -> torch.Tensor:
+        """Token ids `[m]` of the end-of-thinking marker (what a cold stop writes)."""
+        if self._marker_ids is None:
+            ids = self.tokenizer.encode(self.think_end, add_special_tokens=False)
+            self._marker_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        return self._marker_ids
 
     @property
     def matcher(self) -> MarkerMatcher | None:
@@ -416,7 +281,7 @@ class RolloutEngine:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        plan = _Plan(
+        plan = Plan(
             prompts=prompts,
             group_size=group_size,
             spec=spec,
@@ -436,7 +301,7 @@ class RolloutEngine:
 
     # ---- the run ----------------------------------------------------------------------
 
-    def _run(self, plan: _Plan) -> Trajectories:
+    def _run(self, plan: Plan) -> Trajectories:
         width = max(len(p) for p in plan.prompts)
         cache = PreallocatedCache(
             self.model.config,
@@ -446,7 +311,11 @@ class RolloutEngine:
         )
         logits = self._prefill(plan, cache)
         active = self._initial_state(plan, width)
-        record = _Record(plan, self.vocab_size, self.device)
+        if plan.spec.noise_std > 0:
+            plan.noise_seed = torch.randint(
+                0, 2**62, (plan.rows,), generator=plan.generator, device=self.device
+            )
+        record = Record(plan, self.vocab_size, self.device)
         stats = {
             "prefill_rows": len(plan.prompts) if plan.share_prefill else plan.rows,
             "decode_steps": 0,
@@ -456,7 +325,7 @@ class RolloutEngine:
         self._decode(plan, cache, logits, active, record, stats)
         return self._finish(plan, record, stats)
 
-    def _prefill(self, plan: _Plan, cache: PreallocatedCache) -> torch.Tensor:
+    def _prefill(self, plan: Plan, cache: PreallocatedCache) -> torch.Tensor:
         """One forward over the left-padded prompts into `cache`; last logits `[N,V]`."""
         group = plan.group_size
         rows = plan.prompts if plan.share_prefill else plan.row_prompts()
@@ -477,7 +346,7 @@ class RolloutEngine:
             logits = logits.repeat_interleave(group, dim=0)
         return logits
 
-    def _initial_state(self, plan: _Plan, width: int) -> _Active:
+    def _initial_state(self, plan: Plan, width: int) -> Active:
         dev = self.device
         lengths = torch.tensor([len(p) for p in plan.prompts]).repeat_interleave(plan.group_size)
         padding = None
@@ -485,24 +354,28 @@ class RolloutEngine:
             columns = torch.arange(width + plan.steps - 1)
             padding = (columns >= (width - lengths).unsqueeze(1)).to(dev)
         matcher = self.matcher
-        return _Active(
+        cold_stop = plan.spec.cold_stop_entropy is not None and matcher is not None
+        zeros = torch.zeros(plan.rows, dtype=torch.int64, device=dev)
+        return Active(
             rows=torch.arange(plan.rows, device=dev),
             position=lengths.to(dev),
             phase=torch.full((plan.rows,), Phase.MIXTURE, dtype=torch.int8, device=dev),
             marker=matcher.start(plan.rows) if matcher is not None else None,
             alive=torch.ones(plan.rows, dtype=torch.bool, device=dev),
             padding=padding,
+            calm=zeros if cold_stop else None,
+            forced=zeros - 1 if cold_stop else None,
         )
 
-    def _decode(self, plan: _Plan, cache, logits, active: _Active, record, stats) -> None:
+    def _decode(self, plan: Plan, cache, logits, active: Active, record, stats) -> None:
         """The decode loop: choose, record, update phases and stops, sync/compact, forward."""
-        known = _Known()
+        known = Known()
         bar = tqdm(total=plan.steps, disable=not plan.progress, desc="rollout", leave=False)
         try:
             for t in range(plan.steps):
-                step = self._choose(logits, plan, active, known)
+                step = self._choose(logits, plan, active, known, t)
                 record.write(t, active, step, logits)
-                self._update_rows(active, step.token)
+                self._update_rows(active, step, plan.spec)
                 bar.update(1)
                 if t == plan.steps - 1:
                     break
@@ -524,43 +397,87 @@ class RolloutEngine:
         finally:
             bar.close()
 
-    def _choose(self, logits, plan: _Plan, active: _Active, known: _Known) -> _Step:
+    def _choose(self, logits, plan: Plan, active: Active, known: Known, t: int) -> Step:
         """The step's actions for every active row, by phase (see the module docstring)."""
         spec = plan.spec
         run = dict(generator=plan.generator, backend=self.backend, validate=False)
         if spec.is_discrete or self.think_end is None:
-            return _Step.of(mixture_step(logits, self.embedding, spec, **run))
-        discrete = mixture = None
-        if known.need_discrete:
-            raw = mixture_step(logits, self.embedding, spec.answer_spec(), **run)
-            discrete = _Step.discrete(raw, spec.k)
-        if known.thinking:
-            mixture = _Step.of(mixture_step(logits, self.embedding, spec, **run))
-        if discrete is None or mixture is None:
-            return discrete if mixture is None else mixture
-        return _Step.blend(mixture, discrete, active.phase == Phase.DISCRETE)
+            step = Step.of(mixture_step(logits, self.embedding, spec, **run))
+        else:
+            discrete = mixture = None
+            if known.need_discrete:
+                raw = mixture_step(logits, self.embedding, spec.answer_spec(), **run)
+                discrete = Step.discrete(raw, spec.k)
+            if known.thinking:
+                mixture = Step.of(mixture_step(logits, self.embedding, spec, **run))
+            step = discrete if mixture is None else mixture
+            if discrete is not None and mixture is not None:
+                step = Step.blend(mixture, discrete, active.phase == Phase.DISCRETE)
+        if active.forced is not None:
+            step = self._force_marker(step, logits, active, spec)
+        if spec.noise_std > 0:
+            step.embeds = self._add_input_noise(step.embeds, plan, active, t)
+        return step
 
-    def _update_rows(self, active: _Active, token: torch.Tensor) -> None:
-        """After recording a token: EOS stops the row; a completed marker ends thinking."""
+    def _add_input_noise(self, embeds, plan: Plan, active: Active, t: int) -> torch.Tensor:
+        """Thinking rows' inputs plus `σ ε(seed, t)` (Gaussian soft tokens)."""
+        seeds = plan.noise_seed.index_select(0, active.rows)
+        noise = gaussian_input_noise(seeds, torch.full_like(seeds, t), embeds.shape[-1])
+        thinking = (active.phase == Phase.MIXTURE).unsqueeze(-1)
+        noisy = embeds.float() + plan.spec.noise_std * noise * thinking
+        return noisy.to(embeds.dtype)
+
+    def _force_marker(self, step: Step, logits, active: Active, spec: MixtureSpec) -> Step:
+        """Rows ending their thinking by a cold stop write the marker's tokens, one a step."""
+        marker = self.marker_ids
+        index = active.forced.clamp(0, len(marker) - 1)
+        token = marker.index_select(0, index)
+        scaled = logits.float() / spec.temperature
+        logprob = scaled.gather(-1, token.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+        embeds = self.embedding.index_select(0, token).to(step.embeds.dtype)
+        forced = Step.token_action(token, logprob, step.entropy, embeds, spec.k)
+        return Step.blend(step, forced, active.forced >= 0)
+
+    def _update_rows(self, active: Active, step: Step, spec: MixtureSpec) -> None:
+        """After recording a token: EOS stops the row; a completed marker ends thinking; a
+        cold stop starts writing the marker."""
         if self._eos.numel():
-            active.alive &= ~torch.isin(token, self._eos)
+            active.alive &= ~torch.isin(step.token, self._eos)
         matcher = self.matcher
-        if matcher is not None:
-            thinking = active.phase == Phase.MIXTURE
-            active.marker = torch.where(
-                thinking, matcher.advance(active.marker, token), active.marker
-            )
-            switch = thinking & matcher.matched(active.marker)
-            active.phase = torch.where(switch, Phase.DISCRETE, active.phase).to(torch.int8)
+        if matcher is None:
+            return
+        writing = (active.phase == Phase.MIXTURE) | (active.phase == Phase.FORCED)
+        active.marker = torch.where(
+            writing, matcher.advance(active.marker, step.token), active.marker
+        )
+        done = writing & matcher.matched(active.marker)
+        if active.forced is not None:
+            active.forced = torch.where(active.forced >= 0, active.forced + 1, active.forced)
+            done |= active.forced >= len(self.marker_ids)
+            self._cold_stop(active, step, spec)
+        active.phase = torch.where(done, Phase.DISCRETE, active.phase).to(torch.int8)
+        if active.forced is not None:
+            active.forced = torch.where(done, -1, active.forced)
 
-    def _sync(self, active: _Active, known: _Known) -> tuple[bool, torch.Tensor | None]:
+    def _cold_stop(self, active: Active, step: Step, spec: MixtureSpec) -> None:
+        """Count thinking rows' consecutive steps below the entropy threshold; a row that
+        reaches `cold_stop_steps` starts writing the end-of-thinking marker."""
+        thinking = active.phase == Phase.MIXTURE
+        calm = thinking & (step.entropy < spec.cold_stop_entropy)
+        active.calm = torch.where(calm, active.calm + 1, 0)
+        start = thinking & (active.calm >= spec.cold_stop_steps)
+        start &= ~self.matcher.matched(active.marker)
+        active.forced = torch.where(start, 0, active.forced)
+        active.phase = torch.where(start, Phase.FORCED, active.phase).to(torch.int8)
+
+    def _sync(self, active: Active, known: Known) -> tuple[bool, torch.Tensor | None]:
         """Host check of the live rows (the only sync of the loop): `(done, keep)`, where
         `keep` lists the rows to compact to (None: leave the batch as it is)."""
         alive = active.alive
         n_alive, n_thinking, n_discrete = torch.stack(
             [
                 alive.sum(),
-                (alive & (active.phase == Phase.MIXTURE)).sum(),
+                (alive & (active.phase != Phase.DISCRETE)).sum(),
                 (alive & (active.phase == Phase.DISCRETE)).sum(),
             ]
         ).tolist()
@@ -573,7 +490,7 @@ class RolloutEngine:
             return False, None
         return False, alive.nonzero().squeeze(-1)
 
-    def _forward(self, cache, active: _Active, embeds: torch.Tensor) -> torch.Tensor:
+    def _forward(self, cache, active: Active, embeds: torch.Tensor) -> torch.Tensor:
         """Feed `embeds [n,H]` at each row's next position; logits `[n,V]` of that position."""
         out = self.model(
             inputs_embeds=embeds.unsqueeze(1),
@@ -585,7 +502,7 @@ class RolloutEngine:
         active.position = active.position + 1
         return out.logits[:, -1]
 
-    def _decode_mask(self, active: _Active, kv_length: int) -> torch.Tensor | None:
+    def _decode_mask(self, active: Active, kv_length: int) -> torch.Tensor | None:
         """Padding mask of one decode step: None without padding; `[n,1,1,kv]` bool (used as
         is by the model) for SDPA with only full-attention layers; else the 2-D mask."""
         if active.padding is None:
@@ -598,7 +515,7 @@ class RolloutEngine:
 
     # ---- result -----------------------------------------------------------------------
 
-    def _finish(self, plan: _Plan, record: _Record, stats: dict) -> Trajectories:
+    def _finish(self, plan: Plan, record: Record, stats: dict) -> Trajectories:
         alive = record.alive.T  # [N,T] completion mask
         lengths = alive.sum(1)
         longest = max(int(lengths.max()), 1)
@@ -627,11 +544,12 @@ class RolloutEngine:
             weights=rows_first(record.weights),
             mask=rows_first(record.mask),
             logprobs=rows_first(record.logprobs),
-            token_slot=token_slot(ids, token),
+            token_slot=rows_first(record.token_slot),
             phase=rows_first(record.phase),
             texts=texts,
             stop_reasons=reasons,
             group=torch.arange(n_rows, device=self.device) // plan.group_size,
+            noise_seed=plan.noise_seed,
             entropy=rows_first(record.entropy),
             logits=rows_first(record.logits) if record.logits is not None else None,
             stats=stats,

@@ -255,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mode = (
         "discrete" if config.k == 1 else f"MoT-G k={config.k} {config.selection}/{config.weighting}"
     )
+    if config.method:
+        mode = f"{config.method} ({mode})"
     print(f"model: {config.model} ({model_summary(model)})", file=sys.stderr)
     print(
         f"decoding: {mode}, τ={config.temperature}; {len(items)} questions × "

@@ -29,6 +29,8 @@ PLOTTED = (
     "entropy",
     "embed_norm",
     "heldout_accuracy",
+    "flat_groups",
+    "format_only",
 )
 
 
@@ -70,6 +72,56 @@ class MetricsLog:
                     ) from None
                 print(f"warning: dropping a torn last line of {self.path}", file=sys.stderr)
         return records
+
+
+STALL_STEPS = 5  # steps in a row without any learning signal before the run says so
+
+
+def signal_statistics(
+    rewards: torch.Tensor, group_size: int, format_only: torch.Tensor | None = None
+) -> dict[str, float]:
+    """`flat_groups`: share of prompt groups whose G rewards are all equal (zero advantage,
+    no gradient); `format_only` (when known): share of completions rewarded for their
+    format alone, without a correct answer."""
+    groups = rewards.float().view(-1, group_size)
+    flat = (groups.max(-1).values - groups.min(-1).values) <= 1e-9
+    stats = {"flat_groups": float(flat.float().mean())}
+    if format_only is not None:
+        stats["format_only"] = float(format_only.float().mean())
+    return stats
+
+
+class StallGuard:
+    """Counts steps in a row where every group is flat; after `STALL_STEPS` of them returns
+    one line naming the likely cause (then again every `STALL_STEPS` steps)."""
+
+    def __init__(self, patience: int = STALL_STEPS) -> None:
+        self.patience = patience
+        self.streak = 0
+
+    def update(self, record: dict) -> str | None:
+        self.streak = self.streak + 1 if record.get("flat_groups", 0.0) >= 1.0 else 0
+        if self.streak == 0 or self.streak % self.patience:
+            return None
+        return f"warning: no learning signal for {self.streak} steps: {stall_cause(record)}"
+
+
+def stall_cause(record: dict) -> str:
+    """The likely reason every group's rewards are equal, from one step's metrics."""
+    if record.get("format_only", 0.0) >= 0.5:
+        return (
+            "most completions collect only the format reward, never a correct answer "
+            "(the format terms are being gamed): raise --reward_correctness, lower "
+            "--reward_think/--reward_format, or pick an easier task"
+        )
+    if record.get("correct", 0.0) >= 1.0:
+        return "every completion is correct: the task is too easy to learn from"
+    if record.get("reward", 0.0) == 0.0:
+        return (
+            "no completion earns any reward: the task is too hard or the answer format is "
+            "never produced (try an easier task, more --max_new_tokens or few-shot prompts)"
+        )
+    return "each prompt's completions all earn the same reward: raise --group_size or --temperature"
 
 
 def token_statistics(traj: Trajectories) -> dict[str, float]:

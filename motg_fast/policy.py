@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import MixtureSpec, action_logprob, mixture_embed, mixture_logprobs
+from .kernels import (
+    MixtureSpec,
+    action_logprob,
+    mixture_embed,
+    mixture_logprobs,
+    renormalised_logprobs,
+)
+from .kernels.gaussian import gaussian_input_noise, gaussian_log_density
 from .types import Phase, Trajectories, left_pad
 
 
@@ -97,20 +104,87 @@ class PolicyScores:
     embed_norm: torch.Tensor  # [N,T] norm of the fed-back input embedding (detached)
 
 
+@dataclass
+class FrozenEmbedding:
+    """The input-embedding rows a batch's actions use, as they were at rollout time.
+
+    A Gaussian soft token's action is `x = Σ_j w_j E_old[S_j] + σ ε`; after an optimizer
+    step `E` has moved, so the μ > 1 passes rebuild `x` from these frozen rows, taken once
+    per step before any update (`[U,H]` for the U distinct ids, not the whole `[V,H]`).
+    """
+
+    rows: torch.Tensor  # [U,H] detached copy of E at the ids in use
+    index: torch.Tensor  # [V] int64: row of each id in `rows` (0 for ids not in use)
+
+    @classmethod
+    def of(cls, embedding: torch.Tensor, ids: torch.Tensor) -> FrozenEmbedding:
+        """Freeze the rows of `embedding [V,H]` that `ids [...]` use."""
+        used = torch.unique(ids)
+        index = torch.zeros(embedding.shape[0], dtype=torch.int64, device=ids.device)
+        index[used] = torch.arange(used.numel(), device=ids.device)
+        return cls(rows=embedding.detach()[used].clone(), index=index)
+
+    def mix(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`Σ_j w_j E_old[ids_j]`: `[..., k]` × 2 → `[..., H]`."""
+        return mixture_embed(self.rows, self.index[ids], weights)
+
+
+def input_noise(traj: Trajectories, spec: MixtureSpec, hidden: int) -> torch.Tensor:
+    """`σ ε(seed, t) [N,T,H]` on thinking positions (0 elsewhere): the Gaussian part of the
+    inputs the rollout fed back (float32)."""
+    n, t = traj.phase.shape
+    seeds = traj.noise_seed.repeat_interleave(t)
+    positions = torch.arange(t, device=seeds.device).repeat(n)
+    noise = gaussian_input_noise(seeds, positions, hidden).view(n, t, hidden)
+    return spec.noise_std * noise * (traj.phase == Phase.MIXTURE).unsqueeze(-1)
+
+
+def gaussian_loglik(
+    logprobs: torch.Tensor,
+    traj: Trajectories,
+    spec: MixtureSpec,
+    embedding: torch.Tensor,
+    frozen: FrozenEmbedding,
+) -> torch.Tensor:
+    """`[N,T]` Gaussian soft-token term `log N(x_t; μ_θ,t, σ² I)` of thinking positions (0
+    elsewhere): `x_t` the input the rollout fed (`frozen` rows and the stored weights, plus
+    σε), `μ_θ,t = Σ_j p̃'_j E_θ[S_j]` with the current policy's renormalised probabilities
+    (differentiable through `logprobs [N,T,k]` and `embedding [V,H]`)."""
+    thinking = traj.phase == Phase.MIXTURE
+    mask = traj.mask & thinking.unsqueeze(-1)
+    mask[..., 0] = True  # keep every row normalisable; non-thinking rows are dropped below
+    p_tilde = renormalised_logprobs(logprobs, mask).exp().masked_fill(~mask, 0.0)
+    mean = mixture_embed(embedding, traj.ids, p_tilde)
+    with torch.no_grad():
+        x = frozen.mix(traj.ids, traj.weights) + input_noise(traj, spec, embedding.shape[1])
+    ell = gaussian_log_density(x, mean, spec.noise_std)
+    return torch.where(thinking, ell, torch.zeros_like(ell))
+
+
 def action_loglik(
-    logprobs: torch.Tensor, traj: Trajectories, spec: MixtureSpec, *, likelihood: str
+    logprobs: torch.Tensor,
+    traj: Trajectories,
+    spec: MixtureSpec,
+    *,
+    likelihood: str,
+    embedding: torch.Tensor | None = None,
+    frozen: FrozenEmbedding | None = None,
 ) -> torch.Tensor:
     """`[N,T]` likelihood of each action from log-probs `[N,T,k]` at its ids.
 
-    Thinking (mixture) positions use `likelihood` under `spec`; discrete positions and
-    padding use the log-prob of the representative token (a discrete sample's exact
-    likelihood).
+    Thinking (mixture) positions use `likelihood` under `spec`; discrete positions, forced
+    tokens and padding use the log-prob of the representative token (a discrete sample's
+    exact likelihood). Gaussian soft tokens (`spec.noise_std > 0`) add, for `exact`, the
+    Gaussian term (`gaussian_loglik`), which needs the input `embedding [V,H]` and the
+    rows frozen at rollout time (`frozen`; default: `embedding` itself, right when nothing
+    has been updated since the rollout).
     """
     token_lp = logprobs.gather(-1, traj.token_slot.unsqueeze(-1)).squeeze(-1)
     if likelihood == "token":
         return token_lp
     # Outside the thinking phase only slot 0 was drawn: hide the filler slots.
-    is_mixture = (traj.phase == Phase.MIXTURE).unsqueeze(-1)
+    thinking = traj.phase == Phase.MIXTURE
+    is_mixture = thinking.unsqueeze(-1)
     first_slot = torch.zeros_like(traj.mask)
     first_slot[..., 0] = True
     safe_lp = torch.where(is_mixture | first_slot, logprobs, float("-inf"))
@@ -118,37 +192,58 @@ def action_loglik(
         safe_lp,
         traj.weights.to(logprobs.dtype),
         (traj.mask & is_mixture) | first_slot,  # padding too: slot 0, replaced below
-        torch.where(traj.phase == Phase.MIXTURE, traj.token_slot, 0),
+        torch.where(thinking, traj.token_slot, 0),
         spec,
         likelihood=likelihood,
     )
-    return torch.where(traj.phase == Phase.MIXTURE, mixture_lp, token_lp)
+    if likelihood == "exact" and spec.noise_std > 0:
+        if embedding is None:
+            raise ValueError("Gaussian soft tokens need the input embedding for their likelihood")
+        frozen = frozen or FrozenEmbedding.of(embedding, traj.ids)
+        mixture_lp = mixture_lp + gaussian_loglik(logprobs, traj, spec, embedding, frozen)
+    return torch.where(thinking, mixture_lp, token_lp)
 
 
 def score_trajectories(
-    model: torch.nn.Module, traj: Trajectories, spec: MixtureSpec, *, likelihood: str
+    model: torch.nn.Module,
+    traj: Trajectories,
+    spec: MixtureSpec,
+    *,
+    likelihood: str,
+    frozen: FrozenEmbedding | None = None,
+    deterministic: bool = False,
 ) -> PolicyScores:
     """Run the policy over stored trajectories; differentiable in the model's parameters.
 
     `spec` is the one that produced the trajectories (its temperature scores them);
-    `likelihood` one of `spec.likelihoods`.
+    `likelihood` one of `spec.likelihoods`; `frozen` the embedding rows of the rollout's
+    policy (Gaussian soft tokens after an update, see `FrozenEmbedding`); `deterministic`
+    the summation mode of the embedding gradient (`mixture_embed`).
     """
     batch = build_sequence_batch(traj)
     decoder, head_weight = _decoder_and_head(model)
     embedding = model.get_input_embeddings().weight
-    inputs = mixture_embed(embedding, batch.input_ids, batch.input_weights)
+    inputs = mixture_embed(
+        embedding, batch.input_ids, batch.input_weights, deterministic=deterministic
+    )
+    t = traj.ids.shape[1]
+    start = batch.prompt_length - 1
+    if spec.noise_std > 0:  # the rollout's noisy inputs, at the fed-back positions
+        noise = input_noise(traj, spec, inputs.shape[-1])[:, : t - 1]
+        noisy = (inputs[:, start + 1 :].float() + noise).to(inputs.dtype)  # as the rollout
+        inputs = torch.cat([inputs[:, : start + 1], noisy], dim=1)
     hidden = decoder(
         inputs_embeds=inputs,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    t = traj.ids.shape[1]
-    start = batch.prompt_length - 1
     logprobs, _ = mixture_logprobs(
         hidden[:, start : start + t], head_weight, traj.ids, temperature=spec.temperature
     )
-    ell = action_loglik(logprobs, traj, spec, likelihood=likelihood)
+    ell = action_loglik(
+        logprobs, traj, spec, likelihood=likelihood, embedding=embedding, frozen=frozen
+    )
     fed = inputs[:, start + 1 : start + t].detach().float().norm(dim=-1)
     embed_norm = torch.nn.functional.pad(fed, (0, 1))
     return PolicyScores(logprobs=logprobs, action_logprob=ell, embed_norm=embed_norm)

@@ -25,6 +25,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,8 +44,14 @@ from .checkpoint import (
 )
 from .engine import RolloutEngine
 from .grpo import group_advantages, grpo_loss, masked_mean
-from .metrics import MetricsLog, plot_metrics, token_statistics
-from .policy import action_loglik, score_trajectories
+from .metrics import (
+    MetricsLog,
+    StallGuard,
+    plot_metrics,
+    signal_statistics,
+    token_statistics,
+)
+from .policy import FrozenEmbedding, action_loglik, score_trajectories
 from .prompting import THINK_END, build_prompts
 from .rewards import RewardWeights, score_items
 from .seeding import derived_seed
@@ -61,8 +68,15 @@ class PolicyScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, traj: Trajectories, spec, likelihood: str) -> tuple[torch.Tensor, ...]:
-        scores = score_trajectories(self.model, traj, spec, likelihood=likelihood)
+    def forward(self, traj: Trajectories, config, frozen=None) -> tuple:
+        scores = score_trajectories(
+            self.model,
+            traj,
+            config.spec,
+            likelihood=config.likelihood,
+            frozen=frozen,
+            deterministic=config.deterministic,
+        )
         return scores.action_logprob, scores.embed_norm
 
 
@@ -85,7 +99,7 @@ def reasoning_gym_reward(task_set, weights: RewardWeights) -> RewardFn:
     """Reward function over (completions, items): shaped reward, correctness (0/1) and the
     number of answers whose Reasoning Gym scorer raised (scored 0, reported in one line)."""
 
-    def reward(completions: list[str], items: list) -> tuple[list[float], list[float], int]:
+    def reward(completions: list[str], items: list) -> tuple:
         results = score_items(completions, items, task_set, weights)
         errors = [(item.task, r.scorer_error) for item, r in zip(items, results) if r.scorer_error]
         if errors:
@@ -94,31 +108,56 @@ def reasoning_gym_reward(task_set, weights: RewardWeights) -> RewardFn:
                 f"warning: {len(errors)} answer(s) made a Reasoning Gym scorer raise, scored 0 "
                 f"(first: {task}: {error})"
             )
-        return [r.reward for r in results], [float(r.correct) for r in results], len(errors)
+        report = RewardReport(
+            failures=len(errors),
+            format_only=[r.score == 0 and (r.think_closed or r.answer_format) for r in results],
+        )
+        return [r.reward for r in results], [float(r.correct) for r in results], report
 
     return reward
+
+
+@dataclass(frozen=True)
+class RewardReport:
+    """What a reward function may return third: its own failures (e.g. scorers that raised)
+    and which completions earned only the format reward (None: unknown)."""
+
+    failures: int = 0
+    format_only: list[bool] | None = None
 
 
 def safe_rewards(reward_fn: RewardFn, completions: list[str], items: list):
     """Rewards that never kill training: a raising or malformed reward scores 0 (and says so).
 
-    Returns `(rewards, correct, failures)`; a reward function may report failures of its own
-    (e.g. scorers that raised) as a third return value, which are added to `failures`.
+    Returns `(rewards, correct, report)`. A reward function returns `(rewards, correct)`, or
+    a third value: a `RewardReport`, or an int of failures of its own (added to
+    `report.failures`, which is 1 when the function itself raised).
     """
     try:
-        rewards, correct, *reported = reward_fn(completions, items)
+        rewards, correct, *extra = reward_fn(completions, items)
         rewards = [float(r) for r in rewards]
         correct = [float(c) for c in correct]
         if len(rewards) != len(completions) or len(correct) != len(completions):
             raise ValueError("reward function returned the wrong number of values")
         clean = [r if r == r and abs(r) != float("inf") else 0.0 for r in rewards]
-        return clean, correct, int(reported[0]) if reported else 0
+        report = extra[0] if extra else RewardReport()
+        if not isinstance(report, RewardReport):
+            report = RewardReport(failures=int(report))
+        return clean, correct, report
     except Exception as exc:  # noqa: BLE001 - a broken reward must never end a run
         tqdm.write(f"warning: reward function raised {type(exc).__name__}: {exc}; scoring 0")
-        return [0.0] * len(completions), [0.0] * len(completions), 1
+        return [0.0] * len(completions), [0.0] * len(completions), RewardReport(failures=1)
 
 
-def make_accelerator(device: str) -> Accelerator:
+def tracker_config(config) -> dict:
+    """The config as trackers take it: numbers, strings and booleans (others as text)."""
+    scalar = (int, float, str, bool)
+    return {k: v if isinstance(v, scalar) else str(v) for k, v in config.to_dict().items()}
+
+
+def make_accelerator(
+    device: str, report_to: str = "none", run_dir: str | None = None
+) -> Accelerator:
     """The run's `Accelerator`: `auto` (CUDA with bf16 autocast when present), `cpu` or `cuda`.
 
     One process per GPU is accelerate's to place (`accelerate launch`); a GPU index is
@@ -136,7 +175,13 @@ def make_accelerator(device: str) -> Accelerator:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
     use_cuda = device != "cpu" and torch.cuda.is_available()
-    return Accelerator(cpu=not use_cuda, mixed_precision="bf16" if use_cuda else "no")
+    trackers = [t for t in report_to.split(",") if t and t != "none"] or None
+    return Accelerator(
+        cpu=not use_cuda,
+        mixed_precision="bf16" if use_cuda else "no",
+        log_with=trackers,
+        project_dir=run_dir,
+    )
 
 
 class Trainer:
@@ -163,7 +208,9 @@ class Trainer:
         config.validate()
         self.config = config
         self.run_dir = Path(config.run_dir)
-        self.accelerator = accelerator or make_accelerator(config.device)
+        self.accelerator = accelerator or make_accelerator(
+            config.device, config.report_to, config.run_dir
+        )
         prepare_run_dir(
             self.run_dir,
             resume=config.resume,
@@ -332,10 +379,12 @@ class Trainer:
         self.model.train()
         traj = Trajectories.concat(parts)
         expanded = [item for item in items for _ in range(c.group_size)]
-        rewards, correct, failures = safe_rewards(self.reward_fn, traj.texts, expanded)
-        self.reward_failures += failures
+        rewards, correct, report = safe_rewards(self.reward_fn, traj.texts, expanded)
+        self.reward_failures += report.failures
         traj.rewards = torch.tensor(rewards, device=traj.ids.device)
         traj.correct = torch.tensor(correct, device=traj.ids.device)
+        if report.format_only is not None:
+            traj.format_only = torch.tensor(report.format_only, device=traj.ids.device)
         return traj
 
     def _micro_batches(self, n: int) -> list[list[int]]:
@@ -354,7 +403,7 @@ class Trainer:
         world = self.accelerator.num_processes
         n_mb = traj_mb.ids.shape[0]
         if self.config.aggregation == "dapo":
-            return world * float(traj_mb.completion_mask.sum()) / tokens_global
+            return world * float(traj_mb.loss_mask.sum()) / tokens_global
         return world * n_mb / n_global
 
     def optimise(self, traj: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
@@ -362,10 +411,13 @@ class Trainer:
         c = self.config
         n = traj.ids.shape[0]
         n_global = self._global_sum(n)
-        tokens_global = self._global_sum(float(traj.completion_mask.sum()))
+        tokens_global = self._global_sum(float(traj.loss_mask.sum()))
         chunks = self._micro_batches(n)
-        old = self._old_logprobs(traj, chunks)
-        ref = self._ref_logprobs(traj, chunks) if self.ref_model is not None else None
+        frozen = None
+        if c.spec.noise_std > 0:  # the actions' inputs, before any update moves E
+            frozen = FrozenEmbedding.of(self.model.get_input_embeddings().weight, traj.ids)
+        old = self._old_logprobs(traj, chunks, frozen)
+        ref = self._ref_logprobs(traj, chunks, frozen) if self.ref_model is not None else None
         sums: dict[str, torch.Tensor] = {}  # device tensors: one host sync at the end
         grad_norm = 0.0
         for _ in range(c.mu):
@@ -374,13 +426,13 @@ class Trainer:
                 ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.scorer)
                 with ctx, self.accelerator.autocast():
                     mb = traj.select(rows)
-                    ell, embed_norm = self.scorer(mb, c.spec, c.likelihood)
+                    ell, embed_norm = self.scorer(mb, c, frozen)
                     t = ell.shape[1]
                     loss, m = grpo_loss(
                         ell.float(),
                         old[i][:, :t],
                         advantages[rows],
-                        mb.completion_mask,
+                        mb.loss_mask,
                         eps_low=c.eps_low,
                         eps_high=c.eps_high,
                         beta=c.beta,
@@ -405,27 +457,35 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def _old_logprobs(self, traj: Trajectories, chunks) -> list[torch.Tensor]:
+    def _old_logprobs(self, traj: Trajectories, chunks, frozen) -> list[torch.Tensor]:
         """Per micro-batch `[n,T]`: from the rollout (μ = 1) or a no-grad forward (μ > 1)."""
         c = self.config
         if c.mu == 1:
+            embedding = self.model.get_input_embeddings().weight.detach()
             return [
-                action_loglik(mb.logprobs, mb, c.spec, likelihood=c.likelihood).float()
+                action_loglik(
+                    mb.logprobs,
+                    mb,
+                    c.spec,
+                    likelihood=c.likelihood,
+                    embedding=embedding,
+                    frozen=frozen,
+                ).float()
                 for mb in (traj.select(rows) for rows in chunks)
             ]
-        return self._policy_logprobs(self.model, traj, chunks)
+        return self._policy_logprobs(self.model, traj, chunks, frozen)
 
     @torch.no_grad()
-    def _ref_logprobs(self, traj: Trajectories, chunks) -> list[torch.Tensor]:
-        return self._policy_logprobs(self.ref_model, traj, chunks)
+    def _ref_logprobs(self, traj: Trajectories, chunks, frozen) -> list[torch.Tensor]:
+        return self._policy_logprobs(self.ref_model, traj, chunks, frozen)
 
-    def _policy_logprobs(self, model, traj: Trajectories, chunks) -> list[torch.Tensor]:
+    def _policy_logprobs(self, model, traj: Trajectories, chunks, frozen) -> list[torch.Tensor]:
         """Per micro-batch `[n,T]` action log-likelihoods under `model`, without grad."""
         c = self.config
         with torch.no_grad(), self.accelerator.autocast():
             return [
                 score_trajectories(
-                    model, traj.select(rows), c.spec, likelihood=c.likelihood
+                    model, traj.select(rows), c.spec, likelihood=c.likelihood, frozen=frozen
                 ).action_logprob.float()
                 for rows in chunks
             ]
@@ -444,6 +504,7 @@ class Trainer:
         train_time = time.perf_counter() - start
         lengths = traj.lengths.float()
         record.update(token_statistics(traj))
+        record.update(signal_statistics(traj.rewards, c.group_size, traj.format_only))
         record.update(
             reward=float(traj.rewards.mean()),
             correct=float(traj.correct.mean()),
@@ -525,6 +586,8 @@ class Trainer:
         c = self.config
         if self.accelerator.is_main_process:
             c.save(self.run_dir)
+        self.accelerator.init_trackers(self.run_dir.name, config=tracker_config(c))
+        guard = StallGuard()
         bar = tqdm(
             range(self.start_step, c.steps),
             initial=self.start_step,
@@ -537,17 +600,22 @@ class Trainer:
             done = step + 1
             if c.eval_every and done % c.eval_every == 0:
                 record.update(self.evaluate_heldout())
+            stall = guard.update(record)
             if self.metrics is not None:
                 self.metrics.append(record)
                 if not c.progress and done % c.log_every == 0:
                     tqdm.write(format_record(record, c.steps))
-            bar.set_postfix(
-                reward=f"{record['reward']:.3f}",
-                acc=f"{record['correct']:.2f}",
-                tok_s=f"{record['generated_tokens_per_s']:.0f}",
-            )
+                if stall:
+                    tqdm.write(stall)
+            self.accelerator.log(record, step=done)
+            postfix = dict(reward=f"{record['reward']:.3f}", acc=f"{record['correct']:.2f}")
+            postfix["tok_s"] = f"{record['generated_tokens_per_s']:.0f}"
+            if guard.streak:
+                postfix["stalled"] = guard.streak
+            bar.set_postfix(**postfix)
             if (c.save_every and done % c.save_every == 0) or done == c.steps:
                 self.save(done)
+        self.accelerator.end_training()
         records = self.metrics.read() if self.metrics is not None else []
         if self.accelerator.is_main_process:
             plot_metrics(records, self.run_dir / "plots")

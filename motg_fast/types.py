@@ -25,6 +25,7 @@ class Phase(enum.IntEnum):
     PAD = 0  # past the row's end
     MIXTURE = 1  # thinking: a mixture of k slots
     DISCRETE = 2  # after the end of thinking: one sampled token
+    FORCED = 3  # a token the engine wrote (the end-of-thinking marker of a cold stop)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +81,10 @@ class Trajectories:
     texts: list[str] = _per_row(default_factory=list)  # decoded tokens, final EOS left out
     stop_reasons: list[str] = _per_row(default_factory=list)  # "eos" | "length"
     group: torch.Tensor | None = _per_row(default=None)  # [N] int64 prompt index
+    noise_seed: torch.Tensor | None = _per_row(default=None)  # [N] int64 Gaussian-noise seed
     rewards: torch.Tensor | None = _per_row(default=None)  # [N] float32 (the trainer's)
     correct: torch.Tensor | None = _per_row(default=None)  # [N] float32 0/1
+    format_only: torch.Tensor | None = _per_row(default=None)  # [N] bool format reward only
     stats: dict = field(default_factory=dict)  # engine counters: steps, rows, compactions
 
     # ---- derived --------------------------------------------------------------------
@@ -90,6 +93,11 @@ class Trajectories:
     def completion_mask(self) -> torch.Tensor:
         """`[N,T]` bool: real completion positions."""
         return self.phase != Phase.PAD
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """`[N,T]` bool: positions the policy chose (forced tokens are fed back, not scored)."""
+        return (self.phase == Phase.MIXTURE) | (self.phase == Phase.DISCRETE)
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -236,28 +236,54 @@ def step_cases(sms: int, ks: tuple[int, ...]):
         dict(selection="topk", weighting="prob", representative="argmax"),
         dict(selection="sample", weighting="gumbel", representative="sample", top_p=0.9),
         dict(selection="sample", weighting="prob", representative="sample", min_p=0.05),
+        dict(selection="iid", weighting="uniform", representative="sample"),
+        dict(selection="iid", weighting="gumbel", representative="argmax", min_p=0.05),
+        dict(selection="sample_topk", weighting="blend", representative="first", top_p=0.9),
+        dict(selection="topk", weighting="uniform", representative="first"),
     )
+    # the largest noise tiles and running keys: iid's [K_PAD, BLOCK_V], k = 64
+    heavy = [
+        (mode, k) for mode in modes if mode["selection"] in ("iid", "sample_topk") for k in (8, 64)
+    ]
+
+    def step_case(dtype, emb, mode, batch, k, explicit=False):
+        settings = dict(mode)
+        if k == 1:  # top_p / min_p filter mixture slots: a spec rejects them at k=1
+            settings.pop("top_p", None)
+            settings.pop("min_p", None)
+        spec = spec_type(k=k, **settings)
+        splits = mod.split_count(batch, V, sms)
+        name = f"step {_short(dtype)} {spec.selection}/{spec.weighting}/{spec.representative} "
+        name += f"B={batch} k={k}" + (" explicit noise" if explicit else "")
+
+        def launch():
+            logits = torch.empty(batch, V, dtype=torch.float32, device=META)
+            noise = None
+            if explicit:  # every stream given: the kernels load noise instead of drawing it
+                shape = mod.selection_noise_shape(spec, batch, V)
+                slots = torch.empty(batch, k, device=META)
+                weight = slots if spec.weighting == "gumbel" else None
+                noise = philox.StepNoise(torch.empty(shape, device=META), weight, slots)
+            mod.mixture_step_triton(logits, emb, spec, noise=noise, vocab_splits=splits)
+
+        return name, launch
+
     try:
         for dtype in (torch.bfloat16, torch.float32):
             emb = torch.empty(V, H, dtype=dtype, device=META)
             for mode in modes:
                 for batch, k in [(64, k) for k in ks] + [(512, k) for k in ks]:
-                    settings = dict(mode)
-                    if k == 1:  # top_p / min_p filter mixture slots: a spec rejects them at k=1
-                        settings.pop("top_p", None)
-                        settings.pop("min_p", None)
-                    spec = spec_type(k=k, **settings)
-                    splits = mod.split_count(batch, V, sms)
-                    name = f"step {_short(dtype)} {spec.selection}/{spec.weighting} "
-                    name += f"B={batch} k={k}"
-
-                    def launch(batch=batch, emb=emb, spec=spec, splits=splits):
-                        logits = torch.empty(batch, V, dtype=torch.float32, device=META)
-                        mod.mixture_step_triton(logits, emb, spec, vocab_splits=splits)
-
-                    yield name, launch
+                    yield step_case(dtype, emb, mode, batch, k)
+        emb = torch.empty(V, H, dtype=torch.bfloat16, device=META)
+        for mode, k in heavy:
+            for batch in (64, 512):
+                yield step_case(torch.bfloat16, emb, mode, batch, k)
+        for mode in modes[1], modes[3], modes[5]:
+            for batch in (64, 512):
+                yield step_case(torch.bfloat16, emb, mode, batch, 8, explicit=True)
         seed = torch.zeros(1, dtype=torch.int64, device=META)
         yield "step noise", lambda: philox.philox_step_noise(seed, 4, V, 2)
+        yield "step noise iid", lambda: philox.philox_step_noise(seed, 4, V, 8, draws=8)
     finally:
         mod._make_plan = make_plan
 

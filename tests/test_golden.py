@@ -40,7 +40,6 @@ TRAINING = {
     "sample_gumbel": dict(k=2, selection="sample", weighting="gumbel", likelihood="exact"),
     "discrete": dict(k=1, selection="sample", likelihood="token"),
 }
-TIMING = ("rollout_time", "train_time", "generated_tokens_per_s")
 
 
 def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -102,9 +101,11 @@ def test_training_equals_the_golden(case, tmp_path):
         task_set=ToyTasks(),
         reward_fn=letter_reward,
     )
-    records = [{k: v for k, v in r.items() if k not in TIMING} for r in trainer.train()]
+    records = trainer.train()
     want = GOLDEN["training"][case]
-    assert records == want["metrics"]
+    # metrics added since the golden (e.g. flat_groups) are new keys; the old ones are equal
+    assert [{k: r[k] for k in old} for r, old in zip(records, want["metrics"])] == want["metrics"]
+    assert len(records) == len(want["metrics"])
     digests = {
         name: hashlib.sha256(value.detach().contiguous().numpy().tobytes()).hexdigest()
         for name, value in model.state_dict().items()

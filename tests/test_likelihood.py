@@ -189,12 +189,20 @@ def test_likelihood_gradcheck(selection, weighting, likelihood):
     logprobs.requires_grad_(True)
 
     spec = MixtureSpec(
-        selection=selection, weighting=weighting, concentration=0.8, gumbel_temperature=0.6
+        selection=selection,
+        weighting=weighting,
+        concentration=0.8,
+        gumbel_temperature=0.6,
+        representative="first" if weighting == "blend" else "sample",
     )
 
     def fn(lp):
         return action_logprob(lp, weights, mask, slot, spec, likelihood=likelihood)
 
+    if likelihood not in spec.likelihoods:  # nothing random: no exact likelihood
+        with pytest.raises(ValueError, match="is undefined"):
+            fn(logprobs)
+        return
     assert torch.autograd.gradcheck(fn, (logprobs,))
 
 

@@ -24,6 +24,11 @@ from motg_fast.kernels.mixture_math import mixture_weights, select_candidates, s
 MODES = list(itertools.product(SELECTIONS, WEIGHTINGS))
 
 
+def _rep(weighting: str) -> str:
+    """The representative of a mode: Mixture of Inputs' `blend` feeds back slot 0."""
+    return "first" if weighting == "blend" else "sample"
+
+
 def _batch(rows=6, vocab=37, hidden=5, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, vocab, generator=g) * 2).to(dtype)
@@ -35,7 +40,10 @@ def _batch(rows=6, vocab=37, hidden=5, seed=0, dtype=torch.float32):
 def test_k1_topk_is_greedy(weighting, generator):
     logits, embedding = _batch()
     step = mixture_step(
-        logits, embedding, MixtureSpec(k=1, weighting=weighting), generator=generator
+        logits,
+        embedding,
+        MixtureSpec(k=1, weighting=weighting, representative=_rep(weighting)),
+        generator=generator,
     )
     assert torch.equal(step.ids[:, 0], logits.argmax(-1))
     assert torch.equal(step.token, logits.argmax(-1))
@@ -48,7 +56,13 @@ def test_k1_topk_is_greedy(weighting, generator):
 def test_k1_sample_is_gumbel_max_from_full_softmax(weighting, temperature, generator):
     logits, embedding = _batch()
     noise = gumbel_noise((6, 37), device=logits.device, generator=generator)
-    spec = MixtureSpec(k=1, temperature=temperature, selection="sample", weighting=weighting)
+    spec = MixtureSpec(
+        k=1,
+        temperature=temperature,
+        selection="sample",
+        weighting=weighting,
+        representative=_rep(weighting),
+    )
     step = mixture_step(
         logits, embedding, spec, noise=StepNoise(selection=noise), generator=generator
     )
@@ -78,19 +92,29 @@ def test_weights_form_a_distribution_and_embeds_are_the_weighted_sum(
 ):
     logits, embedding = _batch(rows=16, vocab=41, hidden=7)
     logits[3, 5:] = float("-inf")  # a masked vocabulary with fewer finite entries than k
-    spec = MixtureSpec(k=6, selection=selection, weighting=weighting, temperature=0.9, **filters)
+    spec = MixtureSpec(
+        k=6,
+        selection=selection,
+        weighting=weighting,
+        temperature=0.9,
+        representative=_rep(weighting),
+        **filters,
+    )
     step = mixture_step(logits, embedding, spec, generator=generator)
     assert step.ids.shape == step.weights.shape == step.mask.shape == (16, 6)
     assert (step.weights >= 0).all()
     assert torch.equal(step.weights[~step.mask], torch.zeros_like(step.weights[~step.mask]))
     assert torch.allclose(step.weights.sum(-1), torch.ones(16), atol=1e-6)
     assert step.mask[:, 0].all()
-    assert not step.mask[3, 5:].any()  # only 5 finite entries in row 3
+    if selection != "iid":  # iid draws may repeat the 5 finite entries of row 3
+        assert not step.mask[3, 5:].any()  # only 5 finite entries in row 3
     explicit = (step.weights.unsqueeze(-1) * embedding[step.ids]).sum(1)
     assert torch.allclose(step.embeds, explicit, atol=1e-6)
     slots = token_slot(step.ids, step.token)
     assert step.mask.gather(-1, slots.unsqueeze(-1)).all()  # y is a valid slot
-    for row in step.ids:  # ids of a step are distinct
+    assert step.mask.gather(-1, step.token_slot.unsqueeze(-1)).all()  # the drawn slot too
+    assert torch.equal(step.ids.gather(-1, step.token_slot.unsqueeze(-1))[:, 0], step.token)
+    for row in step.ids if selection != "iid" else []:  # ids are distinct (iid may repeat)
         assert len(set(row.tolist())) == 6
 
 
@@ -268,7 +292,13 @@ def test_generator_makes_steps_reproducible():
 def test_invariants_hold_for_random_shapes(rows, vocab, k, temperature, mode, seed):
     k = min(k, vocab)
     logits, embedding = _batch(rows=rows, vocab=vocab, hidden=3, seed=seed)
-    spec = MixtureSpec(k=k, temperature=temperature, selection=mode[0], weighting=mode[1])
+    spec = MixtureSpec(
+        k=k,
+        temperature=temperature,
+        selection=mode[0],
+        weighting=mode[1],
+        representative=_rep(mode[1]),
+    )
     step = mixture_step(logits, embedding, spec, generator=torch.Generator().manual_seed(seed))
     assert torch.allclose(step.weights.sum(-1), torch.ones(rows), atol=1e-5)
     assert (step.weights >= 0).all() and step.mask[:, 0].all()

@@ -170,8 +170,9 @@ class _Item:
 def test_a_raising_scorer_is_counted_and_reported(capsys):
     reward = reasoning_gym_reward(_RaisingTask(), Config().reward_weights())
     done = "</think><answer>abc</answer>"
-    rewards, correct, failures = reward([done, "no answer"], [_Item(), _Item()])
-    assert failures == 1 and correct == [0.0, 0.0] and rewards[0] == 1.0  # format terms only
+    rewards, correct, report = reward([done, "no answer"], [_Item(), _Item()])
+    assert report.failures == 1 and correct == [0.0, 0.0] and rewards[0] == 1.0  # format only
+    assert report.format_only == [True, False]
     out = capsys.readouterr().out
     assert "1 answer(s) made a Reasoning Gym scorer raise" in out and "ValueError" in out
 

@@ -151,8 +151,8 @@ def test_reward_function_that_raises_never_kills_training(tmp_path):
     def broken(completions, items):
         raise RuntimeError("scorer exploded")
 
-    rewards, correct, failures = safe_rewards(broken, ["x", "y"], [None, None])
-    assert rewards == [0.0, 0.0] and failures == 1
+    rewards, correct, report = safe_rewards(broken, ["x", "y"], [None, None])
+    assert rewards == [0.0, 0.0] and report.failures == 1
     config = _config(tmp_path, steps=1, save_every=0)
     trainer = Trainer(
         config,
@@ -296,3 +296,50 @@ def test_reasoning_gym_task_with_heldout_evaluation(tmp_path):
     assert 0.0 <= records[1]["heldout_accuracy"] <= 1.0
     assert all(r["reward_failures"] == 0 for r in records)
     assert trainer.model.training  # evaluation puts the policy back in training mode
+
+
+# --------------------------------------------------------------------------- signal guard
+def test_flat_groups_and_format_only_are_measured_on_constructed_batches():
+    from motg_fast.metrics import signal_statistics
+
+    rewards = torch.tensor([1.0, 1.0, 0.5, 0.5, 0.0, 2.5, 1.0, 1.0])
+    format_only = torch.tensor([True, True, True, True, False, False, True, True])
+    stats = signal_statistics(rewards, 2, format_only)
+    assert stats == {"flat_groups": 0.75, "format_only": 0.75}
+    assert signal_statistics(rewards, 4) == {"flat_groups": 0.0}
+
+
+@pytest.mark.parametrize(
+    "record, cause",
+    [
+        ({"format_only": 0.9, "correct": 0.0, "reward": 0.5}, "format reward"),
+        ({"format_only": 0.0, "correct": 1.0, "reward": 3.0}, "too easy"),
+        ({"format_only": 0.0, "correct": 0.0, "reward": 0.0}, "no completion earns any reward"),
+        ({"format_only": 0.1, "correct": 0.2, "reward": 1.0}, "--group_size"),
+    ],
+)
+def test_a_stalled_run_says_so_once_per_patience_with_the_likely_cause(record, cause):
+    from motg_fast.metrics import StallGuard
+
+    guard = StallGuard(patience=3)
+    said = [guard.update({**record, "flat_groups": 1.0}) for _ in range(6)]
+    assert said[:2] == [None, None] and said[3:5] == [None, None]
+    assert said[2].startswith("warning: no learning signal for 3 steps: ") and cause in said[2]
+    assert "6 steps" in said[5] and "\n" not in said[5]
+    assert guard.update({**record, "flat_groups": 0.5}) is None and guard.streak == 0
+
+
+def test_metrics_reach_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _trainer(_config(tmp_path, steps=2, save_every=0, report_to="tensorboard")).train()
+    accumulators = []
+    for events in (tmp_path / "run").rglob("events.out.tfevents.*"):
+        accumulators.append(EventAccumulator(str(events)))
+        accumulators[-1].Reload()
+    (accumulator,) = [a for a in accumulators if "reward" in a.Tags()["scalars"]]
+    scalars = accumulator.Tags()["scalars"]
+    for name in ("reward", "loss", "flat_groups", "grad_norm"):
+        assert name in scalars, (name, scalars)
+    assert [e.step for e in accumulator.Scalars("reward")] == [1, 2]
