@@ -37,13 +37,18 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from motg_fast.engine import RolloutEngine  # noqa: E402
 from motg_fast.kernels import MixtureSpec  # noqa: E402
 from motg_fast.models import model_load_kwargs  # noqa: E402
-from tiny_models import SteeredLM, tiny_qwen2, tiny_tokenizer  # noqa: E402
+from tiny_models import (  # noqa: E402
+    SteeredLM,
+    qwen25_1p5b_config,
+    tiny_qwen2,
+    tiny_tokenizer,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.9
@@ -200,21 +205,6 @@ def cpu_setup():
     prompts = [tokenizer.encode("the answer is <think>"), tokenizer.encode("a <think>")]
     yield Setup(model, tokenizer, prompts, group_size=4, max_new_tokens=32)
     torch.set_num_threads(threads)
-
-
-def qwen25_1p5b_config() -> Qwen2Config:
-    """The shape of Qwen2.5-1.5B (random weights are built from it; nothing is downloaded)."""
-    return Qwen2Config(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
-    )
 
 
 @pytest.fixture(scope="module")

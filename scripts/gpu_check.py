@@ -519,23 +519,6 @@ def write_outputs(out: Path, meta: dict, parts: dict) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def qwen25_1p5b_config():
-    """The shape of Qwen2.5-1.5B (random weights; nothing is downloaded)."""
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
-    )
-
-
 def checksum_reward(completions: list[str], items: list) -> tuple[list[float], list[float]]:
     """A deterministic reward that differs between completions (nonzero advantages)."""
     rewards = [zlib.crc32(text.encode()) % 1000 / 1000 for text in completions]
@@ -554,7 +537,7 @@ def grpo_step(result_path: Path) -> int:
     import motg_fast.trainer as trainer_module
     from motg_fast.config import Config
     from motg_fast.trainer import Trainer
-    from tiny_models import tiny_qwen2, tiny_tokenizer
+    from tiny_models import qwen25_1p5b_config, tiny_qwen2, tiny_tokenizer
     from toy_task import ToyTasks
 
     cuda = torch.cuda.is_available()

@@ -151,6 +151,21 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return _tiny(LlamaConfig, LlamaForCausalLM, seed, True, overrides)
 
 
+def qwen25_1p5b_config() -> Qwen2Config:
+    """The shape of Qwen2.5-1.5B (random weights are built from it; nothing is downloaded)."""
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+    )
+
+
 class SteeredLM(torch.nn.Module):
     """Wraps a causal LM and forces chosen tokens at chosen absolute positions.
 
