@@ -133,6 +133,13 @@ class Config:
     eps_low: float = _f(0.2, "clip ε_low of the ratio")
     eps_high: float = _f(0.2, "clip ε_high of the ratio")
     mu: int = _f(1, "optimisation passes per rollout batch")
+    old_logprobs: str = _f(
+        "auto",
+        "old log-likelihoods with mu = 1: from the rollout (no extra forward), from a no-grad "
+        "training forward (the loss's own arithmetic), or auto (forward under bf16/fp16 "
+        "autocast, rollout otherwise)",
+        choices=("auto", "rollout", "forward"),
+    )
     likelihood: str = _f("exact", "log-likelihood of a mixture action", choices=LIKELIHOODS)
     aggregation: str = _f("grpo", "loss aggregation", choices=AGGREGATIONS)
     advantage_scaling: str = _f("group", "advantage std scaling", choices=ADVANTAGE_SCALINGS)

@@ -457,10 +457,20 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def _old_logprobs(self, traj: Trajectories, chunks, frozen) -> list[torch.Tensor]:
-        """Per micro-batch `[n,T]`: from the rollout (μ = 1) or a no-grad forward (μ > 1)."""
+    def old_from_rollout(self) -> bool:
+        """Whether the old log-likelihoods come from the rollout's own log-probs: only with
+        μ = 1, and (`old_logprobs="auto"`) not under 16-bit autocast, where the cached decode
+        and the training forward round differently (about 1e-2 in log-prob on a tiny model
+        in bf16), which would enter every importance ratio."""
         c = self.config
-        if c.mu == 1:
+        if c.mu > 1 or c.old_logprobs == "forward":
+            return False
+        return c.old_logprobs == "rollout" or self.accelerator.mixed_precision == "no"
+
+    def _old_logprobs(self, traj: Trajectories, chunks, frozen) -> list[torch.Tensor]:
+        """Per micro-batch `[n,T]`: from the rollout or a no-grad forward (`old_from_rollout`)."""
+        c = self.config
+        if self.old_from_rollout():
             embedding = self.model.get_input_embeddings().weight.detach()
             return [
                 action_loglik(

@@ -313,3 +313,49 @@ def test_every_method_trains_and_evaluates_end_to_end(method, tmp_path):
     items = build_tasks("leg_counting", None, size=20, seed=0, heldout_fraction=0.1).heldout(1)
     result = evaluate(model, tokenizer, config, items, progress=False, engine=trainer.engine)
     assert result["overall"]["completions"] == 2
+
+
+# ------------------------------------------------------------------ bf16: old vs new likelihoods
+def _bf16_first_pass(method: str, old_logprobs: str, tmp_path, model=None, tokenizer=None):
+    """One μ = 1 step under CPU bf16 autocast with the clip range ±1e-3: the clip fraction is
+    the share of first-pass ratios further than 1e-3 from 1."""
+    from accelerate import Accelerator
+
+    args = ["--method", method, "--run_dir", str(tmp_path / method), "--model", "tiny"]
+    args += ["--tasks", "leg_counting", "--no_progress", "--steps", "1", "--save_every", "0"]
+    args += ["--group_size", "4", "--prompts_per_step", "2", "--max_new_tokens", "12"]
+    args += ["--system_prompt", "Think.", "--eps_low", "1e-3", "--eps_high", "1e-3"]
+    args += ["--old_logprobs", old_logprobs]
+    config = parse_config(args)
+    trainer = Trainer(
+        config,
+        model=model if model is not None else tiny_qwen2(max_position_embeddings=1024).train(),
+        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
+        task_set=ToyTasks(),
+        reward_fn=letter_reward,
+        accelerator=Accelerator(cpu=True, mixed_precision="bf16"),
+    )
+    assert trainer.old_from_rollout() is (old_logprobs == "rollout")
+    (record,) = trainer.train()
+    return record
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_under_bf16_the_first_pass_ratios_are_one(method, tmp_path):
+    record = _bf16_first_pass(method, "auto", tmp_path)
+    assert record["clip_fraction"] == 0.0 and abs(record["ratio_mean"] - 1.0) < 1e-6
+
+
+def test_under_bf16_the_rollouts_own_logprobs_would_move_the_ratios(tmp_path):
+    record = _bf16_first_pass("paper_dirichlet", "rollout", tmp_path)
+    assert record["clip_fraction"] > 0.0  # why `auto` recomputes them under 16-bit autocast
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["paper_dirichlet", "multiplex", "soft_tokens"])
+def test_under_bf16_the_first_pass_ratios_are_one_on_the_default_model(method, tmp_path):
+    from motg_fast.models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    model = load_model(DEFAULT_MODEL, device="cpu", dtype="float32").train()
+    record = _bf16_first_pass(method, "auto", tmp_path, model, load_tokenizer(DEFAULT_MODEL))
+    assert record["clip_fraction"] == 0.0 and abs(record["ratio_mean"] - 1.0) < 1e-6
