@@ -55,14 +55,10 @@ _NO_COLUMN = constexpr(2**40)  # above every column id
 
 
 @jit
-def scale_logits(z, temperature, inv_temperature, RECIPROCAL: tl.constexpr):
-    """`z/τ` in float32 exactly as the reference computes it on this device: CUDA's
-    `tensor / scalar` multiplies by the float32 reciprocal, the CPU divides (IEEE)."""
-    if RECIPROCAL:
-        x = z * inv_temperature
-    else:
-        x = tl.math.div_rn(z, tl.zeros_like(z) + temperature)
-    return x
+def scale_logits(z, inv_temperature):
+    """`z/τ` in float32 as every path computes it: `z` times the float32 reciprocal of τ
+    (`mixture_math.inverse_temperature`)."""
+    return z * inv_temperature
 
 
 @jit
@@ -91,15 +87,13 @@ def scan_columns(
     row,
     col_start,
     col_end,
-    # k (iid draws), temperature τ and its float32 reciprocal
+    # k (iid draws), the float32 reciprocal of the temperature τ
     k,
-    temperature,
     inv_temperature,
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SELECTION: tl.constexpr,
     SEL_NOISE: tl.constexpr,
-    RECIPROCAL: tl.constexpr,
 ):
     """Stream columns of one row: returns `(keys [K_PAD], sampled, m, s, t)`.
 
@@ -124,7 +118,7 @@ def scan_columns(
         cols64 = cols.to(tl.int64)
         z = tl.load(row_ptr + cols64 * stride_col, mask=inb, other=float("-inf"))
         z = z.to(tl.float32)
-        x = scale_logits(z, temperature, inv_temperature, RECIPROCAL)
+        x = scale_logits(z, inv_temperature)
         if SELECTION == _IID:
             if SEL_NOISE == NOISE_GIVEN:
                 offs2 = draws.to(tl.int64)[:, None] * stride_noise_draw + cols64[None, :]
@@ -149,7 +143,7 @@ def scan_columns(
                 score = z
                 best = tl.max(score, 0)
                 # rounding of z/τ is monotone: the max of x is the scaled max of z
-                x_max = scale_logits(best, temperature, inv_temperature, RECIPROCAL)
+                x_max = scale_logits(best, inv_temperature)
             if SELECTION == _SAMPLE_TOPK:
                 # later columns have higher ids: only a strictly higher score wins
                 if (tl.max(drawn, 0) > key_score(sampled)) | (sampled < KEY_FLOOR):
@@ -188,16 +182,14 @@ def select_slots(
     logprobs_ptr,
     lse_ptr,
     entropy_ptr,
-    # k, temperature, filters, the gumbel weighting temperature λ and the blend's β
+    # k, 1/τ, filters, the gumbel weighting temperature λ and the blend's β
     k,
-    temperature,
     inv_temperature,
     top_p,
     log_min_p,
     gumbel_temperature,
     blend_beta,
     K_PAD: tl.constexpr,
-    RECIPROCAL: tl.constexpr,
     SELECTION: tl.constexpr,
     USE_TOP_P: tl.constexpr,
     USE_MIN_P: tl.constexpr,
@@ -224,7 +216,7 @@ def select_slots(
     ids = tl.where(live, ids, 0)
     z = tl.load(row_ptr + ids * stride_col, mask=live, other=float("-inf")).to(tl.float32)
     lse = m + tl.log(s)
-    logprobs = scale_logits(z, temperature, inv_temperature, RECIPROCAL) - lse
+    logprobs = scale_logits(z, inv_temperature) - lse
     valid = live & (logprobs > float("-inf"))
     if USE_TOP_P:
         p = tl.exp(logprobs)
@@ -280,7 +272,6 @@ def step_row_kernel(
     # sizes and scalars
     V,
     k,
-    temperature,
     inv_temperature,
     top_p,
     log_min_p,
@@ -295,7 +286,6 @@ def step_row_kernel(
     WEIGHTING: tl.constexpr,
     USE_TOP_P: tl.constexpr,
     USE_MIN_P: tl.constexpr,
-    RECIPROCAL: tl.constexpr,
 ):
     """One program per row: scan the whole row, then select (grid `(B,)`)."""
     row = tl.program_id(0)
@@ -311,13 +301,11 @@ def step_row_kernel(
         col_start=0,
         col_end=V,
         k=k,
-        temperature=temperature,
         inv_temperature=inv_temperature,
         K_PAD=K_PAD,
         BLOCK_V=BLOCK_V,
         SELECTION=SELECTION,
         SEL_NOISE=SEL_NOISE,
-        RECIPROCAL=RECIPROCAL,
     )
     select_slots(
         row=row,
@@ -337,14 +325,12 @@ def step_row_kernel(
         lse_ptr=lse_ptr,
         entropy_ptr=entropy_ptr,
         k=k,
-        temperature=temperature,
         inv_temperature=inv_temperature,
         top_p=top_p,
         log_min_p=log_min_p,
         gumbel_temperature=gumbel_temperature,
         blend_beta=blend_beta,
         K_PAD=K_PAD,
-        RECIPROCAL=RECIPROCAL,
         SELECTION=SELECTION,
         USE_TOP_P=USE_TOP_P,
         USE_MIN_P=USE_MIN_P,
@@ -373,14 +359,12 @@ def step_split_kernel(
     k,
     chunk,
     n_split,
-    temperature,
     inv_temperature,
     # meta-parameters
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SELECTION: tl.constexpr,
     SEL_NOISE: tl.constexpr,
-    RECIPROCAL: tl.constexpr,
 ):
     """Program `(row, split)` scans columns `[split·chunk, (split+1)·chunk)` (grid `(B, n)`)."""
     row = tl.program_id(0)
@@ -399,13 +383,11 @@ def step_split_kernel(
         col_start=start,
         col_end=end,
         k=k,
-        temperature=temperature,
         inv_temperature=inv_temperature,
         K_PAD=K_PAD,
         BLOCK_V=BLOCK_V,
         SELECTION=SELECTION,
         SEL_NOISE=SEL_NOISE,
-        RECIPROCAL=RECIPROCAL,
     )
     part = row.to(tl.int64) * n_split + split
     tl.store(part_keys_ptr + part * K_PAD + tl.arange(0, K_PAD), top)
@@ -437,7 +419,6 @@ def step_merge_kernel(
     # sizes and scalars
     n_split,
     k,
-    temperature,
     inv_temperature,
     top_p,
     log_min_p,
@@ -451,7 +432,6 @@ def step_merge_kernel(
     WEIGHTING: tl.constexpr,
     USE_TOP_P: tl.constexpr,
     USE_MIN_P: tl.constexpr,
-    RECIPROCAL: tl.constexpr,
 ):
     """Merge the splits of one row, then select (grid `(B,)`)."""
     row = tl.program_id(0)
@@ -500,14 +480,12 @@ def step_merge_kernel(
         lse_ptr=lse_ptr,
         entropy_ptr=entropy_ptr,
         k=k,
-        temperature=temperature,
         inv_temperature=inv_temperature,
         top_p=top_p,
         log_min_p=log_min_p,
         gumbel_temperature=gumbel_temperature,
         blend_beta=blend_beta,
         K_PAD=K_PAD,
-        RECIPROCAL=RECIPROCAL,
         SELECTION=SELECTION,
         USE_TOP_P=USE_TOP_P,
         USE_MIN_P=USE_MIN_P,

@@ -88,7 +88,14 @@ from ._launch import cdiv, next_pow2, sm_count
 from ._online_softmax import combine_stats, reduce_stats, tile_stats
 from ._validation import check_float_matrix, check_ids, check_same_device
 from .mixture_embed import accumulation_dtype
+from .mixture_math import inverse_temperature
 from .spec import check_positive
+
+
+def _scale(dtype: torch.dtype, temperature: float) -> float:
+    """The logits' scale: the float32 reciprocal of τ that every float32 path multiplies by
+    (`inverse_temperature`); exact `1/τ` in float64."""
+    return 1.0 / temperature if dtype == torch.float64 else inverse_temperature(temperature)
 
 
 def mixture_logprobs_ref(
@@ -96,7 +103,7 @@ def mixture_logprobs_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager log-probs at ids: hidden `[N,H]`, weight `[V,H]`, ids `[N,k]` → `([N,k], [N])`."""
     acc = accumulation_dtype(hidden, lm_head_weight)
-    logits = torch.nn.functional.linear(hidden, lm_head_weight).to(acc) / temperature  # [N,V]
+    logits = torch.nn.functional.linear(hidden, lm_head_weight).to(acc) * _scale(acc, temperature)
     lse = logits.logsumexp(-1)
     return logits.gather(-1, ids.long()) - lse.unsqueeze(-1), lse
 
@@ -106,7 +113,7 @@ def mixture_logprobs_entropy_ref(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager `(logprobs [N,k], logsumexp [N], entropy [N])`, arguments as the reference."""
     acc = accumulation_dtype(hidden, lm_head_weight)
-    logits = torch.nn.functional.linear(hidden, lm_head_weight).to(acc) / temperature  # [N,V]
+    logits = torch.nn.functional.linear(hidden, lm_head_weight).to(acc) * _scale(acc, temperature)
     logp = logits.log_softmax(-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(-1, ids.long()), logits.logsumexp(-1), entropy
@@ -514,7 +521,7 @@ def _logprobs_forward(hidden, weight, ids, temperature):
         N=N,
         V=V,
         H=H,
-        inv_tau=1.0 / temperature,
+        inv_tau=inverse_temperature(temperature),
         ids_ptr=ids,
         x_ptr=logp,
         span=span,
@@ -587,7 +594,7 @@ def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
             H=H,
             v0=v0,
             chunk=width,
-            inv_tau=1.0 / temperature,
+            inv_tau=inverse_temperature(temperature),
             lse_ptr=lse,
             ent_ptr=ent,
             coef_ptr=coef,
@@ -664,7 +671,7 @@ def _column_chunk(N: int, V: int) -> int:
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     """Scaled float32 logits `h Wᵀ/τ` of one chunk (`[n,H]`, `[c,H]` → `[n,c]`): the GEMM in
     the inputs' dtype (as an eager LM head), then float32, as the reference."""
-    return (hidden @ weight.t()).float().div_(temperature)
+    return (hidden @ weight.t()).float().mul_(inverse_temperature(temperature))
 
 
 # torch >= 2.8 has GEMMs with a float32 output for 16-bit inputs (CUDA kernels only).
@@ -730,7 +737,9 @@ def _chunked_backward(saved, grads, temperature, need_hidden, need_weight, need_
         local = ids - v0
         inside = (local >= 0) & (local < width)
         dz.scatter_add_(1, local.clamp(0, width - 1), torch.where(inside, g, 0.0))
-        dz = dz.div_(temperature).to(hidden.dtype)  # frees the float32 block (16-bit inputs)
+        dz = dz.mul_(inverse_temperature(temperature)).to(
+            hidden.dtype
+        )  # frees the float32 block (16-bit inputs)
         if need_weight:
             torch.mm(dz.t(), hidden, out=grad_weight[v0 : v0 + width])
         if need_hidden:

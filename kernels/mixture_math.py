@@ -18,12 +18,20 @@ Conventions:
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
 from .spec import REPRESENTATIVES, WEIGHTINGS, check_choice
 
 _LOW_ID_BITS = 32
+
+
+def inverse_temperature(temperature: float) -> float:
+    """`1/τ` rounded to float32 (from τ rounded to float32): the one scale every path
+    multiplies logits by, so the reference and the kernels compute the same `z/τ` bits."""
+    tau = struct.unpack("f", struct.pack("f", float(temperature)))[0]
+    return struct.unpack("f", struct.pack("f", 1.0 / tau))[0]
 
 
 def gumbel_noise(

@@ -61,16 +61,15 @@ Triton path (each logits row is read once; kernels below, launchers after them):
   `sample` stream). `philox_step_noise` materialises exactly this noise as a `StepNoise`
   (`draws=k` for `iid`), so `mixture_step_ref(..., noise=...)` reproduces a Triton step;
   explicit noise tensors replace the matching streams on both paths.
-- `z/τ` is rounded as the reference rounds it on the same device (CUDA multiplies by the
-  float32 reciprocal, the CPU divides), and FMA contraction is off, so the same noise gives
-  the same ids. Offsets are int64, accumulation float32.
+- `z/τ` is `z` times the float32 reciprocal of τ on every path, the reference's included
+  (`mixture_math.inverse_temperature`), and FMA contraction is off, so the same noise gives
+  the same ids on every device. Offsets are int64, accumulation float32.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import struct
 from typing import NamedTuple
 
 import torch
@@ -90,6 +89,7 @@ from ._validation import check_float_matrix, check_logits_rows, check_same_devic
 from .mixture_embed import mixture_embed_ref
 from .mixture_math import (
     gumbel_noise,
+    inverse_temperature,
     mixture_weights,
     representative_slot,
     select_candidates,
@@ -118,7 +118,7 @@ def full_distribution_stats(
     logits: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(scaled [B,V], logsumexp [B], entropy [B])` in float32 for logits `[B,V]`."""
-    scaled = logits.float() / temperature
+    scaled = logits.float() * inverse_temperature(temperature)
     lse = scaled.logsumexp(-1)
     logp = scaled - lse.unsqueeze(-1)
     p = logp.exp()
@@ -270,21 +270,11 @@ def _split_plan(vocab: int, splits: int, block_v: int) -> tuple[int, int]:
     return -(-vocab // chunk), chunk
 
 
-def _to_float32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-def _float32_reciprocal(value: float) -> float:
-    """`1/value` in float32 arithmetic, as CUDA's `tensor / scalar` computes it (a float64
-    quotient of float32 operands rounds to the correctly rounded float32 quotient)."""
-    return _to_float32(1.0 / _to_float32(value))
-
-
 class _Plan(NamedTuple):
     """Per-call constants of the Triton step: constexpr codes and scalar arguments."""
 
     codes: dict  # constexpr switches shared by the scan/select kernels
-    scalars: dict  # τ, 1/τ, top_p, log min_p, λ, β as the kernels name them
+    scalars: dict  # 1/τ, top_p, log min_p, λ, β as the kernels name them
     token: int  # the embed kernel's TOKEN code (representative slot and its noise source)
     k_pad: int
 
@@ -305,12 +295,10 @@ def _make_plan(device: torch.device, spec: MixtureSpec, noise: StepNoise) -> _Pl
         WEIGHTING=WEIGHTING_CODES[spec.weighting],
         USE_TOP_P=spec.top_p is not None,
         USE_MIN_P=use_min_p,
-        RECIPROCAL=device.type == "cuda",
         K_PAD=next_pow2(spec.k),
     )
     scalars = dict(
-        temperature=float(spec.temperature),
-        inv_temperature=_float32_reciprocal(float(spec.temperature)),
+        inv_temperature=inverse_temperature(spec.temperature),
         top_p=float(spec.top_p) if spec.top_p is not None else 1.0,
         log_min_p=math.log(spec.min_p) if use_min_p else 0.0,
         gumbel_temperature=float(spec.gumbel_temperature),
@@ -355,11 +343,9 @@ def _launch_select(logits, k, plan, seed, noise, splits, block_v):
     row = dict(logits_ptr=logits, stride_row=logits.stride(0), stride_col=logits.stride(1))
     scan = dict(
         k=k,
-        temperature=plan.scalars["temperature"],
         inv_temperature=plan.scalars["inv_temperature"],
         K_PAD=plan.k_pad,
         SELECTION=plan.codes["SELECTION"],
-        RECIPROCAL=plan.codes["RECIPROCAL"],
         num_warps=SCAN_WARPS,
         enable_fp_fusion=False,  # z·(1/τ) + g rounds twice, as the reference does
     )

@@ -1,27 +1,38 @@
 """Same seed, same outputs: rollouts, kernel steps and training runs equal, bit for bit, the
-golden outputs recorded from commit e695b3e (before the `MixtureSpec` API), in
-`tests/data/golden_e695b3e.pt`.
+golden outputs in `tests/data/golden.pt`.
 
 The golden file holds, for six specs on the tiny Qwen2 model: the engine's trajectories
 (`RolloutEngine.generate`, seeds 7…12) and one `mixture_step` per backend on fixed logits
 (generator seeds 11…16); and, for three training setups (2 steps of `Trainer` on the toy
 task), the per-step metrics and a SHA-256 of every parameter after training.
+
+History: first recorded from commit e695b3e, before the `MixtureSpec` API; the refactor
+reproduced it bit for bit. Re-recorded (`python tests/test_golden.py --record`) when every
+path started to multiply logits by the float32 reciprocal of τ instead of dividing on the
+CPU: the specs with τ ≠ 1 moved by float rounding, the others did not. Re-record only for a
+deliberate numerical change, and say which in the commit.
 """
 
 import hashlib
+import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+from testing_env import configure_environment
 
-from motg_fast.config import Config
-from motg_fast.engine import RolloutEngine
-from motg_fast.kernels import MixtureSpec, mixture_step
-from motg_fast.trainer import Trainer
-from tiny_models import tiny_qwen2, tiny_tokenizer
-from toy_task import ToyTasks, letter_reward
+configure_environment()  # before the kernels load, also for `python tests/test_golden.py`
 
-GOLDEN = torch.load(Path(__file__).parent / "data" / "golden_e695b3e.pt", weights_only=False)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from motg_fast.config import Config  # noqa: E402
+from motg_fast.engine import RolloutEngine  # noqa: E402
+from motg_fast.kernels import MixtureSpec, mixture_step  # noqa: E402
+from motg_fast.trainer import Trainer  # noqa: E402
+from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
+from toy_task import ToyTasks, letter_reward  # noqa: E402
+
+PATH = Path(__file__).parent / "data" / "golden.pt"
 SPECS = [
     MixtureSpec(k=2, temperature=1.0, selection="topk", weighting="dirichlet", concentration=1.5),
     MixtureSpec(k=3, temperature=0.8, selection="sample", weighting="prob", top_p=0.9),
@@ -33,6 +44,7 @@ SPECS = [
     MixtureSpec(k=3, temperature=1.0, selection="topk", weighting="prob", min_p=0.1),
 ]
 ROLLOUT_FIELDS = ("ids", "weights", "mask", "logprobs", "token", "token_slot", "phase", "entropy")
+STEP_FIELDS = ("ids", "weights", "mask", "token", "logprobs", "logsumexp", "entropy", "embeds")
 TRAINING = {
     "dirichlet_mu2_kl": dict(
         k=2, selection="topk", weighting="dirichlet", likelihood="exact", mu=2, beta=0.05
@@ -40,43 +52,35 @@ TRAINING = {
     "sample_gumbel": dict(k=2, selection="sample", weighting="gumbel", likelihood="exact"),
     "discrete": dict(k=1, selection="sample", likelihood="token"),
 }
+TIMING = ("rollout_time", "train_time", "generated_tokens_per_s")
 
 
-def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.dtype == want.dtype and torch.equal(got.cpu(), want), what
-
-
-@pytest.mark.parametrize("index", range(len(SPECS)))
-def test_rollouts_equal_the_golden(index):
+def rollout(index: int) -> dict:
+    """The engine's trajectories for `SPECS[index]`: the recorded fields and the texts."""
     tokenizer = tiny_tokenizer()
     engine = RolloutEngine(tiny_qwen2(seed=1), tokenizer, max_new_tokens=12, think_end="</think>")
     prompts = [tokenizer("<think>the answer").input_ids, tokenizer("say a <think>").input_ids]
     got = engine.generate(prompts, SPECS[index], group_size=2, seed=7 + index)
-    want = GOLDEN["rollouts"][index]
-    for name in ROLLOUT_FIELDS:
-        _assert_same(getattr(got, name), want[name], name)
-    _assert_same(got.lengths, want["lengths"], "lengths")
-    assert got.texts == want["texts"]
+    out = {name: getattr(got, name).cpu() for name in (*ROLLOUT_FIELDS, "lengths")}
+    return {**out, "texts": got.texts}
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("index", range(len(SPECS)))
-def test_kernel_steps_equal_the_golden(index, backend):
+def kernel_step(index: int, backend: str) -> dict:
+    """One `mixture_step` of `SPECS[index]` on fixed logits."""
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(3, 300, generator=g) * 3
     embedding = torch.randn(300, 16, generator=g)
     gen = torch.Generator().manual_seed(11 + index)
     step = mixture_step(logits, embedding, SPECS[index], generator=gen, backend=backend)
-    for name, want in GOLDEN["kernel_steps"][index][backend].items():
-        _assert_same(getattr(step, name), want, f"{backend} {name}")
+    return {name: getattr(step, name) for name in STEP_FIELDS}
 
 
-@pytest.mark.parametrize("case", list(TRAINING))
-def test_training_equals_the_golden(case, tmp_path):
+def training(case: str, run_dir: Path) -> dict:
+    """Two trainer steps of a setup: the metrics (timing left out) and parameter digests."""
     config = Config(
         model="unused-in-tests",
         tasks="leg_counting",
-        run_dir=str(tmp_path / "run"),
+        run_dir=str(run_dir),
         seed=3,
         temperature=1.0,
         group_size=4,
@@ -101,13 +105,62 @@ def test_training_equals_the_golden(case, tmp_path):
         task_set=ToyTasks(),
         reward_fn=letter_reward,
     )
-    records = trainer.train()
-    want = GOLDEN["training"][case]
-    # metrics added since the golden (e.g. flat_groups) are new keys; the old ones are equal
-    assert [{k: r[k] for k in old} for r, old in zip(records, want["metrics"])] == want["metrics"]
-    assert len(records) == len(want["metrics"])
-    digests = {
+    metrics = [{k: v for k, v in r.items() if k not in TIMING} for r in trainer.train()]
+    state = {
         name: hashlib.sha256(value.detach().contiguous().numpy().tobytes()).hexdigest()
         for name, value in model.state_dict().items()
     }
-    assert digests == want["state"]
+    return {"metrics": metrics, "state": state}
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.dtype == want.dtype and torch.equal(got.cpu(), want), what
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return torch.load(PATH, weights_only=False)
+
+
+@pytest.mark.parametrize("index", range(len(SPECS)))
+def test_rollouts_equal_the_golden(index, golden):
+    got, want = rollout(index), golden["rollouts"][index]
+    for name in (*ROLLOUT_FIELDS, "lengths"):
+        _assert_same(got[name], want[name], name)
+    assert got["texts"] == want["texts"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("index", range(len(SPECS)))
+def test_kernel_steps_equal_the_golden(index, backend, golden):
+    got = kernel_step(index, backend)
+    for name, want in golden["kernel_steps"][index][backend].items():
+        _assert_same(got[name], want, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("case", list(TRAINING))
+def test_training_equals_the_golden(case, tmp_path, golden):
+    got, want = training(case, tmp_path / "run"), golden["training"][case]
+    # metrics added since the golden (e.g. flat_groups) are new keys; the old ones are equal
+    old_keys = [{k: r[k] for k in old} for r, old in zip(got["metrics"], want["metrics"])]
+    assert old_keys == want["metrics"] and len(got["metrics"]) == len(want["metrics"])
+    assert got["state"] == want["state"]
+
+
+def record() -> None:
+    """Write the golden file from the current code (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = {
+            "rollouts": {i: rollout(i) for i in range(len(SPECS))},
+            "kernel_steps": {
+                i: {b: kernel_step(i, b) for b in ("reference", "triton")}
+                for i in range(len(SPECS))
+            },
+            "training": {case: training(case, Path(tmp) / case) for case in TRAINING},
+        }
+    torch.save(data, PATH)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
+    record()
+    print(f"wrote {PATH}")

@@ -28,9 +28,10 @@ from motg_fast.kernels import (
     philox_step_seed,
 )
 from motg_fast.kernels._backend import HAS_TRITON, triton_interpreter_on
+from motg_fast.kernels.mixture_math import inverse_temperature
 from motg_fast.kernels.mixture_step import (
-    _float32_reciprocal,
     _split_plan,
+    full_distribution_stats,
     selection_noise_shape,
     split_count,
     triton_unsupported,
@@ -587,11 +588,14 @@ def test_split_count_heuristic():
         assert chunk % block == 0 and n * chunk >= vocab > (n - 1) * chunk and n <= splits
 
 
-def test_float32_reciprocal_matches_torch_float32_division():
-    # the CUDA reference scales by this reciprocal; the kernels must use the same bits
+def test_inverse_temperature_is_the_float32_reciprocal():
+    # every path (the reference too) scales logits by these bits
     for tau in (0.9, 0.7, 1.3, 0.6, 1.0, 3.0, 1e-3, 0.123456789):
         one, t = torch.ones((), dtype=torch.float32), torch.tensor(tau, dtype=torch.float32)
-        assert _float32_reciprocal(tau) == (one / t).item(), tau
+        assert inverse_temperature(tau) == (one / t).item(), tau
+    logits = torch.randn(4, 50)
+    scaled, _, _ = full_distribution_stats(logits, 0.7)
+    assert torch.equal(scaled, logits * torch.tensor(inverse_temperature(0.7)))
 
 
 def test_public_dispatch_runs_the_triton_path():
