@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         raise KeyboardInterrupt(
             f"continue from the last checkpoint with --run_dir {config.run_dir} --resume"
         ) from None
+    finally:  # a second SIGTERM while exiting ends the process plainly
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if trainer.accelerator.is_main_process and records:
         last = records[-1]
         print(
