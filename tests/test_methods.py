@@ -320,6 +320,7 @@ def _bf16_first_pass(method: str, old_logprobs: str, tmp_path, model=None, token
     """One μ = 1 step under CPU bf16 autocast with the clip range ±1e-3: the clip fraction is
     the share of first-pass ratios further than 1e-3 from 1."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     args = ["--method", method, "--run_dir", str(tmp_path / method), "--model", "tiny"]
     args += ["--tasks", "leg_counting", "--no_progress", "--steps", "1", "--save_every", "0"]
@@ -327,16 +328,20 @@ def _bf16_first_pass(method: str, old_logprobs: str, tmp_path, model=None, token
     args += ["--system_prompt", "Think.", "--eps_low", "1e-3", "--eps_high", "1e-3"]
     args += ["--old_logprobs", old_logprobs]
     config = parse_config(args)
-    trainer = Trainer(
-        config,
-        model=model if model is not None else tiny_qwen2(max_position_embeddings=1024).train(),
-        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
-        task_set=ToyTasks(),
-        reward_fn=letter_reward,
-        accelerator=Accelerator(cpu=True, mixed_precision="bf16"),
-    )
-    assert trainer.old_from_rollout() is (old_logprobs == "rollout")
-    (record,) = trainer.train()
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton
+    try:
+        trainer = Trainer(
+            config,
+            model=model if model is not None else tiny_qwen2(max_position_embeddings=1024).train(),
+            tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
+            task_set=ToyTasks(),
+            reward_fn=letter_reward,
+            accelerator=Accelerator(cpu=True, mixed_precision="bf16"),
+        )
+        assert trainer.old_from_rollout() is (old_logprobs == "rollout")
+        (record,) = trainer.train()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     return record
 
 
