@@ -204,15 +204,10 @@ def representative_slot(
     return scores.argmax(-1)
 
 
-def first_slot_of(ids: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """Index `[...]` of the first slot of `ids [..., k]` holding `token [...]` (no check, no
-    host sync; 0 when absent)."""
-    return (ids == token.unsqueeze(-1)).to(torch.int8).argmax(-1)
-
-
 def token_slot(ids: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """Index `[...]` of `token [...]` within `ids [..., k]` (its first slot); an error when a
     row does not hold its token."""
-    if not bool((ids == token.unsqueeze(-1)).any(-1).all()):
+    hit = ids == token.unsqueeze(-1)
+    if not bool(hit.any(-1).all()):
         raise ValueError("token is not among ids in some rows")
-    return first_slot_of(ids, token)
+    return hit.to(torch.int8).argmax(-1)
