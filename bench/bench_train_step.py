@@ -107,6 +107,7 @@ class Setup:
             eps_low=math.inf,
             eps_high=math.inf,
             system_prompt="Answer.",
+            final_eval="none",
         )
         self.naive_model = copy.deepcopy(model).train()
         self.naive_optimizer = torch.optim.AdamW(self.naive_model.parameters(), lr=1e-6)

@@ -27,7 +27,7 @@ from .grpo import ADVANTAGE_SCALINGS, AGGREGATIONS
 from .kernels import LIKELIHOODS, MixtureSpec
 from .kernels.spec import METHODS
 from .models import DEFAULT_MODEL
-from .prompting import SYSTEM_PROMPT
+from .prompting import ARITHMETIC_SYSTEM_PROMPT, SYSTEM_PROMPT
 
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 
@@ -98,7 +98,11 @@ class Config:
     dataset_size: int = _f(10_000, "items generated per task (train + held out)")
     heldout_fraction: float = _f(0.01, "fraction of each task's items held out for evaluation")
     seed: int = _f(42, "seed of the datasets, of prompt sampling and of decoding")
-    system_prompt: str = _f(SYSTEM_PROMPT, "system prompt asking for <think>/<answer>")
+    system_prompt: str = _f(
+        ARITHMETIC_SYSTEM_PROMPT,
+        "system prompt asking for <think>/<answer> (the default shows three worked examples of "
+        "the default task: give other tasks a prompt of their own)",
+    )
 
     # --- decoding: the MixtureSpec fields (k = 2, τ = 0.9, ...) are inserted here --------
     method: str | None = _f(
@@ -107,24 +111,31 @@ class Config:
         f"flags: {', '.join(METHODS)}",
     )
     max_prompt_tokens: int = _f(512, "prompt length limit (longer questions are cut in the middle)")
-    max_new_tokens: int = _f(256, "completion length limit")
+    max_new_tokens: int = _f(32, "completion length limit (the default task needs few)")
 
     # --- evaluation --------------------------------------------------------------------
     eval_samples: int = _f(4, "sampled completions per question (pass@k uses all of them)")
-    eval_questions: int = _f(16, "held-out questions per task (at most the held-out count)")
-    eval_batch_size: int = _f(16, "questions per generation batch")
+    eval_questions: int = _f(64, "held-out questions per task (at most the held-out count)")
+    eval_batch_size: int = _f(64, "questions per generation batch")
     eval_output: str | None = _f(None, "evaluation JSON path (default: <run_dir>/eval.json)")
-    eval_save_completions: bool = _f(True, "store every completion and its score in the JSON")
+    eval_save_completions: bool = _f(
+        True, "store the text of every completion in the evaluation JSON (scores always are)"
+    )
 
     # --- training ----------------------------------------------------------------------
-    group_size: int = _f(4, "G: trajectories per prompt")
-    prompts_per_step: int = _f(2, "prompts per step (per process)")
+    group_size: int = _f(8, "G: trajectories per prompt")
+    prompts_per_step: int = _f(4, "prompts per step (per process)")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     rollout_batch_prompts: int = _f(
         0, "prompts per generation call (0: all of a step's prompts at once)"
     )
-    steps: int = _f(30, "training steps (the default is a CPU-sized taste)")
-    lr: float = _f(1e-5, "AdamW learning rate")
+    steps: int = _f(12, "training steps (the default job fits 10 minutes on 2 CPU cores)")
+    token_budget: int = _f(
+        0,
+        "stop once the rollouts have generated this many tokens in all (0: no limit; "
+        "steps stays the cap); python -m motg_fast.compare matches arms with it",
+    )
+    lr: float = _f(2e-5, "AdamW learning rate")
     betas: list[float] = _f((0.9, 0.99), "AdamW betas (two numbers)")
     weight_decay: float = _f(0.1, "AdamW weight decay")
     grad_clip: float = _f(1.0, "gradient-norm clip")
@@ -144,18 +155,36 @@ class Config:
     aggregation: str = _f("grpo", "loss aggregation", choices=AGGREGATIONS)
     advantage_scaling: str = _f("group", "advantage std scaling", choices=ADVANTAGE_SCALINGS)
     reward_correctness: float = _f(2.0, "weight of the answer's score in the reward")
-    reward_think: float = _f(0.5, "reward for closing </think> exactly once")
-    reward_format: float = _f(0.5, "reward for exactly one <answer>…</answer> ending the text")
+    reward_think: float = _f(
+        0.0, "reward for closing </think> exactly once (a run can collect it with no answer)"
+    )
+    reward_format: float = _f(
+        0.25,
+        "reward for exactly one <answer>…</answer> ending the text (kept below a correct "
+        "answer's, so format alone never pays most)",
+    )
     reward_partial_credit: bool = _f(True, "use Reasoning Gym's partial scores (else only 1/0)")
     run_dir: str = _f("runs/motg", "directory of the run's config, metrics and checkpoints")
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted; 0 keeps all)")
     eval_every: int = _f(0, "held-out evaluation every N steps (0: never)")
+    final_eval: str = _f(
+        "before_after",
+        "held-out evaluation around training: before_after (the base model first, then the "
+        "trained policy, with the gain's 95-percent interval), after (only the trained "
+        "policy), or none",
+        choices=("before_after", "after", "none"),
+    )
     resume: bool = _f(False, "resume from the latest checkpoint in run_dir")
     overwrite: bool = _f(
         False, "start over in a run_dir that holds a previous run (deletes its outputs)"
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory)")
+    share_prompt: bool = _f(
+        True,
+        "training forward: run each distinct prompt once and its G completions on copies of "
+        "its KV cache (same outputs, G× less prompt compute; off with gradient checkpointing)",
+    )
     deterministic: bool = _f(
         True,
         "bit-identical mixture-embedding gradients on CUDA (sorted segment sums, no atomics)",
@@ -196,7 +225,12 @@ class Config:
             "log_every",
         )
         _non_negative_ints(
-            self, "save_every", "eval_every", "keep_checkpoints", "rollout_batch_prompts"
+            self,
+            "save_every",
+            "eval_every",
+            "keep_checkpoints",
+            "rollout_batch_prompts",
+            "token_budget",
         )
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
@@ -351,7 +385,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 RESUMABLE_CHANGES = frozenset(
     {
         "steps",
+        "token_budget",
         "eval_every",
+        "final_eval",
         "eval_questions",
         "eval_samples",
         "eval_batch_size",
@@ -370,6 +406,7 @@ RESUMABLE_CHANGES = frozenset(
         "grad_accum",
         "gradient_checkpointing",
         "deterministic",
+        "share_prompt",
     }
 )
 
@@ -423,6 +460,7 @@ _PAPER: dict[str, Any] = dict(
     eval_every=50,
     save_every=200,
     run_dir="runs/paper",
+    system_prompt=SYSTEM_PROMPT,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {

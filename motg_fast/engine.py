@@ -61,6 +61,7 @@ from .kernels import MixtureSpec, mixture_step
 from .kernels.gaussian import gaussian_input_noise
 from .kernels.spec import check_k
 from .marker import MarkerMatcher, decode_token_texts
+from .models import cache_argument
 from .types import Phase, Trajectories, left_pad
 
 __all__ = ["RolloutEngine"]
@@ -69,18 +70,6 @@ __all__ = ["RolloutEngine"]
 # --------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------
-
-
-def _cache_argument(model: torch.nn.Module) -> str:
-    """The forward keyword that takes the KV cache: `cache` (transformers >= 5.24) or
-    `past_key_values` (earlier), read from the first transformers model inside `model`."""
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            params = inspect.signature(module.forward).parameters
-            return "cache" if "cache" in params else "past_key_values"
-    return "past_key_values"
 
 
 def _as_id_list(value) -> list[int]:
@@ -148,7 +137,7 @@ class RolloutEngine:
         self.backend = backend
         self.pad_token_id = self._resolve_pad()
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._cache_kwarg = _cache_argument(model)
+        self._cache_kwarg = cache_argument(model)
         self._matcher: MarkerMatcher | None = None
         self._marker_ids: torch.Tensor | None = None
 

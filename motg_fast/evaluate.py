@@ -127,7 +127,8 @@ def evaluate(
 
     Returns:
         ``{"tasks": {task: metrics}, "overall": metrics, "samples": G, "time_s", "tokens_per_s",
-        "completions": [...]}`` (completions only with ``config.eval_save_completions``).
+        "completions": [...]}``: one record per completion with its scores, and its text
+        only with ``config.eval_save_completions``.
     """
     from .engine import RolloutEngine
 
@@ -149,17 +150,67 @@ def evaluate(
     start = time.perf_counter()
     records, tokens = _generate_and_score(engine, config, items, prompts, show)
     elapsed = time.perf_counter() - start
-    tasks = list(dict.fromkeys(item.task for item in items))
-    result: dict[str, Any] = {
+    return result_of(records, samples, time_s=elapsed, tokens=tokens)
+
+
+def result_of(records: list[dict], samples: int, *, time_s: float, tokens: int) -> dict[str, Any]:
+    """The evaluation result of completion records: per task, overall, timing, records."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    return {
         "tasks": {t: summarize([r for r in records if r["task"] == t], samples) for t in tasks},
         "overall": summarize(records, samples),
         "samples": samples,
-        "time_s": elapsed,
-        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "time_s": time_s,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(time_s, 1e-9),
+        "completions": records,
     }
-    if config.eval_save_completions:
-        result["completions"] = records
-    return result
+
+
+GAIN_METRICS = ("accuracy", "pass", "format")
+"""Per-question metrics compared by :func:`heldout_gain` (``pass`` is pass@G)."""
+
+
+def heldout_gain(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Before/after comparison of two evaluations of the same held-out questions.
+
+    Per metric of :data:`GAIN_METRICS`: the mean over questions before and after and the
+    paired gain (after − before per question) with its 95 % bootstrap interval
+    (:func:`~motg_fast.stats.bootstrap_ci`, questions resampled).
+    """
+    from .stats import bootstrap_ci, paired_differences, question_scores
+
+    scores_before = question_scores(before["completions"])
+    scores_after = question_scores(after["completions"])
+    rows = {}
+    for metric in GAIN_METRICS:
+        gain = bootstrap_ci(paired_differences(scores_after[metric], scores_before[metric]))
+        rows[metric] = {
+            "before": float(sum(scores_before[metric].values()) / len(scores_before[metric])),
+            "after": float(sum(scores_after[metric].values()) / len(scores_after[metric])),
+            "gain": gain.to_dict(),
+        }
+    return {
+        "questions": len(scores_after["accuracy"]),
+        "samples": after["samples"],
+        "metrics": rows,
+    }
+
+
+def format_gain_table(gain: dict[str, Any]) -> str:
+    """The before/after table of :func:`heldout_gain` as text."""
+    from .stats import Interval
+
+    samples = gain["samples"]
+    lines = [
+        f"held-out: {gain['questions']} questions x {samples} samples",
+        f"{'metric':<9} {'before':>7} {'after':>7}   gain [95% CI]",
+    ]
+    for metric, row in gain["metrics"].items():
+        name = f"pass@{samples}" if metric == "pass" else metric
+        interval = Interval(**row["gain"]).format(signed=True)
+        lines.append(f"{name:<9} {row['before']:>7.3f} {row['after']:>7.3f}   {interval}")
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -56,22 +56,27 @@ class MetricsLog:
 
     def read(self) -> list[dict]:
         """The records on disk (a torn last line is dropped with a warning)."""
-        if not self.path.exists():
-            return []
-        lines = self.path.read_text().splitlines()
-        records = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                if number < len(lines):
-                    raise ValueError(
-                        f"{self.path} line {number} is not valid JSON: {err}"
-                    ) from None
-                print(f"warning: dropping a torn last line of {self.path}", file=sys.stderr)
-        return records
+        return read_metrics(self.path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a `metrics.jsonl` (none if it is missing; a torn last line is dropped
+    with a warning, a torn earlier line is an error naming it)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not valid JSON: {err}") from None
+            print(f"warning: dropping a torn last line of {path}", file=sys.stderr)
+    return records
 
 
 STALL_STEPS = 5  # steps in a row without any learning signal before the run says so

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -319,3 +320,15 @@ def model_summary(model: torch.nn.Module) -> str:
         f"{type(model).__name__} {params / 1e6:.1f}M params, {first.dtype}, {first.device}, "
         f"attention={attn}"
     )
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward keyword that takes the KV cache: `cache` (transformers >= 5.24) or
+    `past_key_values` (earlier), read from the first transformers model inside `model`."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            params = inspect.signature(module.forward).parameters
+            return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values"

@@ -102,6 +102,7 @@ class PolicyScores:
     logprobs: torch.Tensor  # [N,T,k] log p' at the action ids (differentiable)
     action_logprob: torch.Tensor  # [N,T] log-likelihood of each action (differentiable)
     embed_norm: torch.Tensor  # [N,T] norm of the fed-back input embedding (detached)
+    hidden: torch.Tensor  # [N,T,H] final hidden states scoring the actions (differentiable)
 
 
 @dataclass
@@ -204,6 +205,87 @@ def action_loglik(
     return torch.where(thinking, mixture_lp, token_lp)
 
 
+def distinct_prompts(prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(prompt_of_row [N], first_row [U])` int64: the index of each row's prompt among the
+    U distinct prompts (in order of first appearance) and the first row holding each; None
+    when no two rows share a prompt (nothing to share)."""
+    index: dict[tuple[int, ...], int] = {}
+    first_row: list[int] = []
+    prompt_of_row = []
+    for row, prompt in enumerate(prompt_ids):
+        key = tuple(prompt)
+        if key not in index:
+            index[key] = len(first_row)
+            first_row.append(row)
+        prompt_of_row.append(index[key])
+    if len(first_row) == len(prompt_ids):
+        return None
+    return torch.tensor(prompt_of_row), torch.tensor(first_row)
+
+
+def can_share_prompt(model: torch.nn.Module) -> bool:
+    """Whether `shared_prompt_forward` applies: only full-attention layers (a sliding window
+    or a recurrent layer keeps no plain K/V to copy) and no gradient checkpointing (its
+    recomputation would append to the cache twice)."""
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old name
+        if hasattr(type(model), flag) or hasattr(model, flag):
+            if getattr(model, flag):
+                return False
+            break
+    text_config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
+    return set(layer_types) == {"full_attention"}
+
+
+def shared_prompt_forward(
+    decoder: torch.nn.Module,
+    inputs: torch.Tensor,
+    batch: SequenceBatch,
+    shared: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The final hidden states `[N,T,H]` that score the T actions, computing each distinct
+    prompt once (`shared` from `distinct_prompts`).
+
+    One pass runs the U distinct prompts `[U,P]` into a KV cache; its keys and values are
+    gathered to the N rows (`index_select`, whose backward sums the rows' gradients into
+    their prompt's) and a second pass runs the fed-back actions `[N,T−1]` on that cache.
+    Positions, masks and therefore outputs are those of the full forward over
+    `inputs [N,P+T−1,H]`; only the order of floating-point sums differs.
+    """
+    from transformers import DynamicCache
+
+    from .models import cache_argument
+
+    p = batch.prompt_length
+    prompt_of_row, first_row = (index.to(inputs.device) for index in shared)
+    cache_kwarg = cache_argument(decoder)
+    prompt_cache = DynamicCache()
+    prompt_hidden = decoder(
+        inputs_embeds=inputs[first_row, :p],
+        attention_mask=batch.attention_mask[first_row, :p],
+        position_ids=batch.position_ids[first_row, :p],
+        use_cache=True,
+        **{cache_kwarg: prompt_cache},
+    ).last_hidden_state
+    last_prompt = prompt_hidden[prompt_of_row, p - 1 :]  # [N,1,H] scores action 0
+    if inputs.shape[1] == p:  # one action per row: nothing is fed back
+        return last_prompt
+    row_cache = DynamicCache(
+        ddp_cache_data=[
+            (layer.keys.index_select(0, prompt_of_row), layer.values.index_select(0, prompt_of_row))
+            for layer in prompt_cache.layers
+        ]
+    )
+    fed_hidden = decoder(
+        inputs_embeds=inputs[:, p:],
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids[:, p:],
+        use_cache=True,
+        **{cache_kwarg: row_cache},
+    ).last_hidden_state
+    return torch.cat([last_prompt, fed_hidden], dim=1)
+
+
 def score_trajectories(
     model: torch.nn.Module,
     traj: Trajectories,
@@ -212,13 +294,16 @@ def score_trajectories(
     likelihood: str,
     frozen: FrozenEmbedding | None = None,
     deterministic: bool = False,
+    share_prompt: bool = True,
 ) -> PolicyScores:
     """Run the policy over stored trajectories; differentiable in the model's parameters.
 
     `spec` is the one that produced the trajectories (its temperature scores them);
     `likelihood` one of `spec.likelihoods`; `frozen` the embedding rows of the rollout's
     policy (Gaussian soft tokens after an update, see `FrozenEmbedding`); `deterministic`
-    the summation mode of the embedding gradient (`mixture_embed`).
+    the summation mode of the embedding gradient (`mixture_embed`); `share_prompt` runs
+    each distinct prompt once and its rows' completions on copies of its KV cache
+    (`shared_prompt_forward`: the same function, G× less prompt compute for G rows).
     """
     batch = build_sequence_batch(traj)
     decoder, head_weight = _decoder_and_head(model)
@@ -232,18 +317,20 @@ def score_trajectories(
         noise = input_noise(traj, spec, inputs.shape[-1])[:, : t - 1]
         noisy = (inputs[:, start + 1 :].float() + noise).to(inputs.dtype)  # as the rollout
         inputs = torch.cat([inputs[:, : start + 1], noisy], dim=1)
-    hidden = decoder(
-        inputs_embeds=inputs,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    logprobs, _ = mixture_logprobs(
-        hidden[:, start : start + t], head_weight, traj.ids, temperature=spec.temperature
-    )
+    shared = distinct_prompts(traj.prompt_ids) if share_prompt else None
+    if shared is not None and can_share_prompt(model):
+        hidden = shared_prompt_forward(decoder, inputs, batch, shared)
+    else:
+        hidden = decoder(
+            inputs_embeds=inputs,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state[:, start:]
+    logprobs, _ = mixture_logprobs(hidden, head_weight, traj.ids, temperature=spec.temperature)
     ell = action_loglik(
         logprobs, traj, spec, likelihood=likelihood, embedding=embedding, frozen=frozen
     )
     fed = inputs[:, start + 1 : start + t].detach().float().norm(dim=-1)
     embed_norm = torch.nn.functional.pad(fed, (0, 1))
-    return PolicyScores(logprobs=logprobs, action_logprob=ell, embed_norm=embed_norm)
+    return PolicyScores(logprobs=logprobs, action_logprob=ell, embed_norm=embed_norm, hidden=hidden)

@@ -18,7 +18,19 @@ SYSTEM_PROMPT = (
     "Always reply with two parts: your reasoning inside <think> </think>, then the final answer "
     "inside <answer> </answer>. Example: <think> 2 + 3 = 5 </think> <answer>5</answer>"
 )
-"""The default system prompt asking for the reasoning format."""
+"""A task-neutral system prompt asking for the reasoning format (the paper preset's, the
+TRL example's, and the default of the prompt functions)."""
+
+ARITHMETIC_SYSTEM_PROMPT = (
+    "You solve arithmetic. Think briefly inside <think> </think>, then write only the final "
+    "number inside <answer> </answer>.\n"
+    "Question: Calculate 3 + 4.\n<think> 3 + 4 = 7 </think> <answer>7</answer>\n"
+    "Question: Calculate -2 * 5.\n<think> -2 * 5 = -10 </think> <answer>-10</answer>\n"
+    "Question: Calculate 9 - -3.\n<think> 9 - -3 = 9 + 3 = 12 </think> <answer>12</answer>"
+)
+"""The default run's system prompt: the format with three worked examples of the default
+task (a 135M model follows the format from examples, rarely from instructions alone); for
+another task use :data:`SYSTEM_PROMPT` or a prompt of its own (``--system_prompt``)."""
 
 
 @dataclass(frozen=True)

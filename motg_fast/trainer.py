@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import random
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -43,6 +45,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .engine import RolloutEngine
+from .evaluate import format_gain_table, heldout_gain, write_result
 from .grpo import group_advantages, grpo_loss, masked_mean
 from .metrics import (
     MetricsLog,
@@ -56,6 +59,10 @@ from .prompting import THINK_END, build_prompts
 from .rewards import RewardWeights, score_items
 from .seeding import derived_seed
 from .types import Phase, Trajectories
+
+EVAL_BEFORE = "eval_before.json"  # held-out evaluation of the model before training
+EVAL_AFTER = "eval_after.json"  # … and of the trained policy
+HELDOUT_SUMMARY = "heldout.json"  # both summaries and the gains with their intervals
 
 # (completions, items) -> (rewards, correct) or (rewards, correct, failures reported)
 RewardFn = Callable[[list[str], list], tuple]
@@ -76,6 +83,7 @@ class PolicyScorer(torch.nn.Module):
             likelihood=config.likelihood,
             frozen=frozen,
             deterministic=config.deterministic,
+            share_prompt=config.share_prompt,
         )
         return scores.action_logprob, scores.embed_norm
 
@@ -242,6 +250,7 @@ class Trainer:
         )
         self.start_step = 0
         self.reward_failures = 0
+        self.generated_tokens = 0  # by every rollout so far (all processes)
         if self.resumed is not None:
             self._restore(self.resumed)
         if self.accelerator.is_main_process:
@@ -327,6 +336,7 @@ class Trainer:
         set_rng_state(ckpt.state["rng"])
         self.start_step = ckpt.step
         self.reward_failures = int(ckpt.state.get("reward_failures", 0))
+        self.generated_tokens = int(ckpt.state.get("generated_tokens", 0))
         if self.accelerator.is_main_process:  # newer checkpoints were damaged: drop them
             for path in list_checkpoints(self.run_dir):
                 if path != ckpt.path and checkpoint_step(path) > ckpt.step:
@@ -495,7 +505,12 @@ class Trainer:
         with torch.no_grad(), self.accelerator.autocast():
             return [
                 score_trajectories(
-                    model, traj.select(rows), c.spec, likelihood=c.likelihood, frozen=frozen
+                    model,
+                    traj.select(rows),
+                    c.spec,
+                    likelihood=c.likelihood,
+                    frozen=frozen,
+                    share_prompt=c.share_prompt,
                 ).action_logprob.float()
                 for rows in chunks
             ]
@@ -525,6 +540,7 @@ class Trainer:
             train_time=train_time,
             generated_tokens_per_s=float(lengths.sum()) / max(rollout_time, 1e-9),
             reward_failures=float(self.reward_failures),
+            step_tokens=self._global_sum(float(traj.num_tokens)),  # all processes' rollouts
         )
         return self._reduce(record)
 
@@ -549,6 +565,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "config": self.config.to_dict(),
                 "reward_failures": self.reward_failures,
+                "generated_tokens": self.generated_tokens,
             }
             path = save_checkpoint(
                 self.run_dir,
@@ -561,17 +578,25 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def evaluate_heldout(self) -> dict[str, float]:
-        """Held-out accuracy with the evaluate code; every process scores a shard of the items.
+    def budget_spent(self) -> bool:
+        """Whether the rollouts have generated `token_budget` tokens (never with no budget)."""
+        budget = self.config.token_budget
+        return bool(budget) and self.generated_tokens >= budget
 
-        Called on every process (the counts are summed across them), under the same autocast
-        as the rollouts and with the trainer's engine.
+    def heldout_result(self) -> dict[str, Any]:
+        """Evaluate the held-out items (`eval_questions` per task) with the evaluate code.
+
+        Called on every process: each generates a shard of the items, under the same
+        autocast as the rollouts and with the trainer's engine; every process gets the
+        result of all of them (evaluate's JSON: per task, overall and per completion).
         """
-        from .evaluate import evaluate
+        from accelerate.utils import gather_object
+
+        from .evaluate import evaluate, result_of
 
         world = self.accelerator.num_processes
         items = self.task_set.heldout(self.config.eval_questions)[self.rank :: world]
-        completions = correct = 0.0
+        records, tokens, start = [], 0, time.perf_counter()
         if items:
             self.model.eval()
             try:
@@ -586,10 +611,46 @@ class Trainer:
                     )
             finally:
                 self.model.train()
-            completions = float(result["overall"]["completions"])
-            correct = float(result["overall"]["accuracy"]) * completions
-        total = self._global_sum(completions)
-        return {"heldout_accuracy": self._global_sum(correct) / max(total, 1.0)}
+            records, tokens = result["completions"], result["tokens"]
+        if world > 1:
+            records = gather_object(records)
+            tokens = int(self._global_sum(float(tokens)))
+        elapsed = time.perf_counter() - start
+        return result_of(records, self.config.eval_samples, time_s=elapsed, tokens=tokens)
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        """`{"heldout_accuracy": …}` of :meth:`heldout_result`."""
+        return {"heldout_accuracy": self.heldout_result()["overall"]["accuracy"]}
+
+    def baseline_evaluation(self) -> dict[str, Any] | None:
+        """The held-out result of the model before training (`eval_before.json`): read back
+        when the run already has it, else evaluated now (only before the first step)."""
+        path = self.run_dir / EVAL_BEFORE
+        if path.exists():
+            return json.loads(path.read_text())
+        if self.start_step > 0:
+            if self.accelerator.is_main_process:
+                tqdm.write(f"no {EVAL_BEFORE} in {self.run_dir}: no before/after comparison")
+            return None
+        result = self.heldout_result()
+        if self.accelerator.is_main_process:
+            write_result(result, path)
+        return result
+
+    def final_evaluation(self, before: dict[str, Any] | None) -> dict[str, Any]:
+        """Evaluate the trained policy (`eval_after.json`) and, with a baseline, the gain
+        table (`heldout.json`, printed)."""
+        after = self.heldout_result()
+        summary: dict[str, Any] = {"after": after["overall"]}
+        if before is not None:
+            summary["before"] = before["overall"]
+            summary["gain"] = heldout_gain(before, after)
+        if self.accelerator.is_main_process:
+            write_result(after, self.run_dir / EVAL_AFTER)
+            write_result(summary, self.run_dir / HELDOUT_SUMMARY)
+            if before is not None:
+                print(format_gain_table(summary["gain"]), flush=True)
+        return summary
 
     def train(self) -> list[dict]:
         """Run from the start (or the resumed) step to `config.steps`; returns the metrics."""
@@ -597,6 +658,11 @@ class Trainer:
         if self.accelerator.is_main_process:
             c.save(self.run_dir)
         self.accelerator.init_trackers(self.run_dir.name, config=tracker_config(c))
+        finished = self.start_step >= c.steps or self.budget_spent()
+        if self.accelerator.is_main_process and not finished:
+            for stale in (EVAL_AFTER, HELDOUT_SUMMARY):  # of a shorter run being extended
+                (self.run_dir / stale).unlink(missing_ok=True)
+        before = self.baseline_evaluation() if c.final_eval == "before_after" else None
         guard = StallGuard()
         bar = tqdm(
             range(self.start_step, c.steps),
@@ -606,7 +672,11 @@ class Trainer:
             desc="train",
         )
         for step in bar:
+            if self.budget_spent():
+                break
             record = {"step": step + 1, **self.train_step(step)}
+            self.generated_tokens += int(record["step_tokens"])
+            record["generated_tokens"] = float(self.generated_tokens)
             done = step + 1
             if c.eval_every and done % c.eval_every == 0:
                 record.update(self.evaluate_heldout())
@@ -625,6 +695,13 @@ class Trainer:
             bar.set_postfix(**postfix)
             if (c.save_every and done % c.save_every == 0) or done == c.steps:
                 self.save(done)
+            elif self.budget_spent():  # the last step of a token-budget run
+                self.save(done)
+        if c.final_eval != "none" and not (self.run_dir / HELDOUT_SUMMARY).exists():
+            summary = self.final_evaluation(before)
+            self.accelerator.log(
+                {f"heldout_{key}": value for key, value in summary["after"].items()}, step=c.steps
+            )
         self.accelerator.end_training()
         records = self.metrics.read() if self.metrics is not None else []
         if self.accelerator.is_main_process:

@@ -590,6 +590,7 @@ def grpo_step(result_path: Path) -> int:
             save_every=0,
             progress=False,
             system_prompt="Answer.",
+            final_eval="none",
         )
         trainer = Trainer(
             Config(**settings),

@@ -39,6 +39,7 @@ def main(run_dir: str, prompts: int, steps: int) -> None:
         aggregation="dapo",
         warmup_ratio=1.0,
         system_prompt="Answer.",
+        final_eval="none",
     )
     Trainer(
         config,

@@ -24,7 +24,7 @@ TINY_ARGS = [
     "--eval_samples", "3",
     "--eval_batch_size", "2",
     "--max_new_tokens", "6",
-    "--system_prompt", "Think.",
+    "--system_prompt", "Think.", "--final_eval", "none",
     "--no-progress",
 ]  # fmt: skip
 
@@ -195,9 +195,9 @@ def test_greedy_is_fine_for_evaluation_only():
 
 
 def test_reward_weights_and_the_spec_come_from_the_config():
-    c = Config(reward_correctness=1.0, reward_think=0.0, reward_partial_credit=False, k=3)
+    c = Config(reward_correctness=1.0, reward_think=0.1, reward_partial_credit=False, k=3)
     w = c.reward_weights()
-    assert (w.correctness, w.think, w.format, w.partial_credit) == (1.0, 0.0, 0.5, False)
+    assert (w.correctness, w.think, w.format, w.partial_credit) == (1.0, 0.1, 0.25, False)
     assert c.spec == MixtureSpec(k=3, temperature=0.9)
     assert c.eval_output_path() == Path("runs/motg/eval.json")
 

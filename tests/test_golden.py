@@ -95,6 +95,8 @@ def training(case: str, run_dir: Path) -> dict:
         warmup_ratio=0.25,
         grad_clip=1.0,
         system_prompt="Answer.",
+        final_eval="none",
+        share_prompt=False,  # recorded with the full forward; test_policy compares the two
         **TRAINING[case],
     )
     model = tiny_qwen2(seed=0).train()

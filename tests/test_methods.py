@@ -298,7 +298,7 @@ def test_every_method_trains_and_evaluates_end_to_end(method, tmp_path):
     args = ["--method", method, "--preset", "smoke", "--run_dir", str(tmp_path / "run")]
     args += ["--model", "tiny", "--tasks", "leg_counting", "--no_progress", "--steps", "1"]
     args += ["--max_new_tokens", "8", "--eval_questions", "1", "--eval_samples", "2"]
-    args += ["--system_prompt", "Think."]
+    args += ["--system_prompt", "Think.", "--final_eval", "none"]
     if method == "soft_tokens":
         args += ["--mu", "2"]
     config = parse_config(args)
@@ -325,7 +325,16 @@ def _bf16_first_pass(method: str, old_logprobs: str, tmp_path, model=None, token
     args = ["--method", method, "--run_dir", str(tmp_path / method), "--model", "tiny"]
     args += ["--tasks", "leg_counting", "--no_progress", "--steps", "1", "--save_every", "0"]
     args += ["--group_size", "4", "--prompts_per_step", "2", "--max_new_tokens", "12"]
-    args += ["--system_prompt", "Think.", "--eps_low", "1e-3", "--eps_high", "1e-3"]
+    args += [
+        "--system_prompt",
+        "Think.",
+        "--final_eval",
+        "none",
+        "--eps_low",
+        "1e-3",
+        "--eps_high",
+        "1e-3",
+    ]
     args += ["--old_logprobs", old_logprobs]
     config = parse_config(args)
     AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton

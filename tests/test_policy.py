@@ -158,3 +158,71 @@ def test_models_that_transform_their_logits_are_refused(model):
             score_trajectories(model, _trajectories(), MixtureSpec(), likelihood="token")
     finally:
         model.config.final_logit_softcapping = None
+
+
+def _grouped(traj: Trajectories, repeats: list[int]) -> Trajectories:
+    """Row n of `traj` repeated `repeats[n]` times: rows that share their prompt."""
+    rows = [n for n, r in enumerate(repeats) for _ in range(r)]
+    return traj.select(rows)
+
+
+def test_distinct_prompts_index_rows_by_first_appearance():
+    from motg_fast.policy import distinct_prompts
+
+    assert distinct_prompts([[1, 2], [3], [1, 3]]) is None  # nothing shared
+    prompt_of_row, first_row = distinct_prompts([[1, 2], [3], [1, 2], [3], [4]])
+    assert prompt_of_row.tolist() == [0, 1, 0, 1, 2]
+    assert first_row.tolist() == [0, 1, 4]
+
+
+@pytest.mark.parametrize("noise_std", [0.0, 0.3])
+def test_shared_prompt_forward_equals_the_full_forward_with_gradients(model, noise_std):
+    """Each distinct prompt run once, its rows on copies of its KV cache: the same
+    log-likelihoods and parameter gradients as one forward over every full row."""
+    traj = _grouped(_trajectories(seed=1), [3, 1, 2])
+    for n in range(traj.phase.shape[0]):  # distinct completions within each group
+        traj.weights[n] = torch.softmax(torch.randn(traj.weights[n].shape), -1)
+    traj.weights[traj.phase != Phase.MIXTURE] = torch.tensor([1.0, 0.0, 0.0])
+    traj.noise_seed = torch.arange(traj.phase.shape[0])
+    weighting = "prob" if noise_std else "dirichlet"
+    spec = MixtureSpec(k=K, selection="sample", weighting=weighting, noise_std=noise_std)
+    got = {}
+    for share in (False, True):
+        model.zero_grad()
+        scores = score_trajectories(model, traj, spec, likelihood="exact", share_prompt=share)
+        (scores.action_logprob * traj.completion_mask).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        got[share] = scores, grads
+    model.zero_grad()
+    (full, full_grads), (shared, shared_grads) = got[False], got[True]
+    real = traj.completion_mask
+    assert torch.allclose(shared.action_logprob[real], full.action_logprob[real], atol=1e-5)
+    assert torch.allclose(shared.hidden[real], full.hidden[real], atol=1e-5)
+    for name, grad in full_grads.items():
+        assert torch.allclose(shared_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_one_action_rows_and_gradient_checkpointing_take_the_right_path(model):
+    traj = _grouped(_trajectories(), [2, 2, 1])
+    one = traj.select(list(range(5)))
+    one = Trajectories(
+        one.prompt_ids,
+        *(getattr(one, f)[:, :1] for f in ("ids", "weights", "mask")),
+        one.token_slot[:, :1],
+        one.phase[:, :1],
+        one.logprobs[:, :1],
+    )
+    spec = MixtureSpec(k=K)
+    with torch.no_grad():
+        for batch in (traj, one):
+            full = score_trajectories(model, batch, spec, likelihood="token", share_prompt=False)
+            shared = score_trajectories(model, batch, spec, likelihood="token")
+            assert torch.allclose(shared.logprobs, full.logprobs, atol=1e-5)
+    model.gradient_checkpointing_enable()
+    try:
+        with torch.no_grad():
+            checkpointed = score_trajectories(model, traj, spec, likelihood="token")
+            full = score_trajectories(model, traj, spec, likelihood="token", share_prompt=False)
+        assert torch.equal(checkpointed.logprobs, full.logprobs)  # fell back: the same sums
+    finally:
+        model.gradient_checkpointing_disable()

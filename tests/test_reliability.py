@@ -51,6 +51,7 @@ def _config(tmp_path, **changes):
         max_prompt_tokens=64,
         progress=False,
         system_prompt="Answer.",
+        final_eval="none",
     )
     return Config(**{**base, **changes})
 
@@ -171,7 +172,7 @@ def test_a_raising_scorer_is_counted_and_reported(capsys):
     reward = reasoning_gym_reward(_RaisingTask(), Config().reward_weights())
     done = "</think><answer>abc</answer>"
     rewards, correct, report = reward([done, "no answer"], [_Item(), _Item()])
-    assert report.failures == 1 and correct == [0.0, 0.0] and rewards[0] == 1.0  # format only
+    assert report.failures == 1 and correct == [0.0, 0.0] and rewards[0] == 0.25  # format only
     assert report.format_only == [True, False]
     out = capsys.readouterr().out
     assert "1 answer(s) made a Reasoning Gym scorer raise" in out and "ValueError" in out
@@ -288,7 +289,7 @@ CRASH_ARGS = [
     "--tasks", "leg_counting", "--dataset_size", "40", "--heldout_fraction", "0.1",
     "--seed", "5", "--k", "2", "--weighting", "dirichlet", "--group_size", "2",
     "--prompts_per_step", "1", "--steps", "3", "--save_every", "1", "--max_new_tokens", "4",
-    "--system_prompt", "Think.", "--no_progress",
+    "--system_prompt", "Think.", "--final_eval", "none", "--no_progress",
 ]  # fmt: skip
 
 

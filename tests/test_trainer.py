@@ -42,6 +42,7 @@ def _config(tmp_path, **changes):
         warmup_ratio=0.25,
         grad_clip=1.0,
         system_prompt="Answer.",
+        final_eval="none",
     )
     base.update(changes)
     return Config(**base)
@@ -296,6 +297,62 @@ def test_reasoning_gym_task_with_heldout_evaluation(tmp_path):
     assert 0.0 <= records[1]["heldout_accuracy"] <= 1.0
     assert all(r["reward_failures"] == 0 for r in records)
     assert trainer.model.training  # evaluation puts the policy back in training mode
+
+
+def _arithmetic(tmp_path, **changes):
+    values = dict(
+        tasks="basic_arithmetic",
+        task_options='{"*": {"difficulty": 0}}',
+        dataset_size=40,
+        heldout_fraction=0.1,
+        steps=2,
+        save_every=0,
+        eval_questions=3,
+        eval_samples=2,
+        eval_batch_size=3,
+        final_eval="before_after",
+    )
+    return _config(tmp_path, **{**values, **changes})
+
+
+def test_before_after_evaluation_prints_the_gain_and_is_not_repeated_on_resume(
+    tmp_path, capsys, monkeypatch
+):
+    config = _arithmetic(tmp_path, save_every=1)
+    trainer = Trainer(config, model=tiny_qwen2().train(), tokenizer=tiny_tokenizer())
+    trainer.train()
+    run = tmp_path / "run"
+    before = json.loads((run / "eval_before.json").read_text())
+    after = json.loads((run / "eval_after.json").read_text())
+    summary = json.loads((run / "heldout.json").read_text())
+    assert before["overall"]["completions"] == after["overall"]["completions"] == 6
+    assert summary["gain"]["metrics"]["accuracy"]["after"] == after["overall"]["accuracy"]
+    gain = summary["gain"]["metrics"]["accuracy"]["gain"]
+    assert gain["low"] <= gain["mean"] <= gain["high"]
+    printed = capsys.readouterr().out
+    assert "held-out: 3 questions x 2 samples" in printed and "gain [95% CI]" in printed
+    # Extending the run: the base model's evaluation is read back, the trained one redone.
+    evaluations = []
+    monkeypatch.setattr(
+        Trainer, "heldout_result", lambda self: evaluations.append(1) or after, raising=True
+    )
+    resumed = Trainer(
+        config.replace(steps=3, resume=True), model=tiny_qwen2().train(), tokenizer=tiny_tokenizer()
+    )
+    resumed.train()
+    assert len(evaluations) == 1  # after only
+    assert json.loads((run / "eval_before.json").read_text()) == before
+
+
+def test_token_budget_stops_the_run_and_saves_its_last_step(tmp_path):
+    config = _config(tmp_path, steps=10, save_every=0, token_budget=1)
+    trainer = _trainer(config)
+    records = trainer.train()
+    assert len(records) == 1 and records[0]["generated_tokens"] == trainer.generated_tokens > 0
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000001"]
+    resumed = _trainer(config.replace(resume=True))
+    assert resumed.generated_tokens == trainer.generated_tokens
+    assert resumed.train() == records  # nothing left to do
 
 
 # --------------------------------------------------------------------------- signal guard

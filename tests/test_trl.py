@@ -230,7 +230,7 @@ def test_mixture_training_runs_end_to_end(tmp_path, tiny_dir, dataset):
     assert len(moved) == len(before)
     logged = trainer.state.log_history[0]
     assert 0 < logged["mixture/thinking_token_fraction"] < 1
-    assert logged["kl"] >= 0 and logged["grad_norm"] > 0
+    assert logged["kl"] >= -1e-6 and logged["grad_norm"] > 0  # k3 ≥ 0 up to rounding
     evaluated = trainer.evaluate(dataset.select(range(2)))  # rollout + loss in eval mode
     assert "eval_loss" in evaluated and "eval_mixture/closed_think_fraction" in evaluated
 

@@ -321,20 +321,15 @@ def score_actions(
     `return_entropy`), differentiable when `entropy_grad`.
     """
     decoder, head_weight = _decoder_and_head(model)
-    hidden: list[torch.Tensor] = []
-    handles = [decoder.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)]
-    if return_entropy:
-        keep = lambda module, args, output: hidden.append(output.last_hidden_state)  # noqa: E731
-        handles.append(decoder.register_forward_hook(keep))
+    handle = decoder.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
     try:
-        ell = score_trajectories(model, traj, spec, likelihood=likelihood).action_logprob
+        scores = score_trajectories(model, traj, spec, likelihood=likelihood)
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
+    ell = scores.action_logprob
     if not return_entropy:
         return ell, None
-    start = max(len(p) for p in traj.prompt_ids) - 1  # the hidden state before action 0
-    scored = hidden[0][:, start : start + traj.ids.shape[1]]
+    scored = scores.hidden  # the hidden state before each action
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         *_, entropy = mixture_logprobs(
             scored,
