@@ -41,52 +41,26 @@ backward's `dW` matmul is torch's). The flag is read at each launch: a forward's
 and logits at the ids share one precision by construction, and its backward uses the same
 one unless the flag is switched in between.
 
-Chunked path (`"chunked"`, plain torch: the GEMMs go to cuBLAS on CUDA, any device works):
-the forward takes `C` whole rows at a time (`[C,V]` logits in the input dtype by one GEMM,
-then float32: `logsumexp`, the log-probs at the ids gathered from the same float32 block,
-the entropy only when asked for); the backward takes `C` vocabulary columns at a time
-(`[N,C]` logits recomputed by one GEMM, `dz` in the input dtype, `dW[chunk] = dzᵀ h` by one
-GEMM straight into its rows, `dh += dz W[chunk]` into a float32 `[N,H]` buffer: on CUDA by
-a GEMM with a float32 output, elsewhere through the product rounded to the input dtype).
-The backward chunks columns rather than rows so that no `[V,H]` gradient is summed across
-chunks (a 16-bit sum would lose precision; a float32 one would cost a `[V,H]` buffer and
-its traffic per chunk). `C` makes each float32 block about `CHUNK_BUDGET_BYTES`; peak
-memory is a few such blocks. Deterministic where the GEMMs are. Same four `N·V·H` GEMMs as
-the Triton path, but each logits block makes round trips through memory (GEMM output,
-float32 copy, softmax passes) that the Triton kernels keep on chip.
-Why Triton stays the default on CUDA: its epilogue never writes logits to memory, where the
-chunked path moves every logits element through HBM several times (for N = 8192 and
-V = 151936 one float32 pass is 5 GB); cuBLAS's GEMMs are likely faster than these untuned
-`tl.dot` tiles. Which effect wins at the Qwen2.5-1.5B shapes has not been measured (no GPU
-was available): `bench/bench_training_kernels.py` times both (`scripts/gpu_check.sh` runs
-it); switch the default if the chunked path wins there.
+Chunked path (`"chunked"`, plain torch, any device; `_logprobs_chunked.py`): the same
+outputs through torch GEMMs (cuBLAS on CUDA), a chunk of rows or vocabulary columns at a time;
+why Triton stays the CUDA default is argued there.
 
 Autocast: under `torch.autocast` the Triton and chunked paths run hidden and weight in the
-autocast dtype, as `F.linear` would. The cast copy of a weight that is a leaf requiring
-grad (the trainable LM head) is cached: every call between two optimizer steps (micro-
-batches, the old-log-prob forward) reuses one copy, and the copy saved for backward is
-that same tensor, where a per-call `weight.to(dtype)` would make (and save) a new
-`[V,H]` copy each call (466 MB in bf16 for Qwen2.5-1.5B). torch's own autocast cache does
-not help here: it serves only autocast ops (`F.linear`, not `Tensor.to`) and is emptied
-when the outermost autocast region exits, once per micro-batch in a training loop. The
-cache entry is rebuilt when the weight's version counter, storage, shape or device
-changes and dropped after every `torch.optim` optimizer step (a global post-step hook:
-fused optimizers update in place without bumping the version) and when the weight is freed.
-A weight changed another way (through `.data` outside a torch optimizer) needs
-`clear_weight_cast_cache()`; `CACHE_WEIGHT_CASTS = False` turns the cache off.
+autocast dtype, as `F.linear` would; the cast of a trainable LM head is made once per weight
+version and shared by every call until the next optimizer step (`_weight_cast.py`;
+`clear_weight_cast_cache()` after changing a weight behind autograd's back).
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._backend import device_guard, jit, resolve_backend, tl, triton_interpreter_on
 from ._launch import cdiv, next_pow2, sm_count
+from ._logprobs_chunked import ChunkedLogprobsFunction
 from ._online_softmax import combine_stats, reduce_stats, tile_stats
 from ._validation import check_float_matrix, check_ids, check_same_device
+from ._weight_cast import autocast_weight, clear_weight_cast_cache  # noqa: F401 - public
 from .mixture_embed import accumulation_dtype
 from .mixture_math import inverse_temperature
 from .spec import check_positive
@@ -646,213 +620,6 @@ class MixtureLogprobsFunction(torch.autograd.Function):
                 saved, (g_logp, g_lse, g_ent), ctx.temperature, need_hidden, need_weight
             )
         return grad_hidden, grad_weight, None, None
-
-
-# ---------------------------------------------------------------------------------------
-# Chunked path: the GEMMs go to torch (cuBLAS on CUDA); plain torch, runs on any device
-# ---------------------------------------------------------------------------------------
-
-# Size of the chunked path's float32 logits block: [C, V] rows in the forward, [N, C]
-# columns in the backward (peak memory is a few times this: the GEMM output, its float32
-# copy and the softmax temporaries).
-CHUNK_BUDGET_BYTES = 256 * 2**20
-
-
-def _row_chunk(N: int, V: int) -> int:
-    """Rows per forward chunk: the float32 `[C, V]` block holds about CHUNK_BUDGET_BYTES."""
-    return max(1, min(N, CHUNK_BUDGET_BYTES // max(1, 4 * V)))
-
-
-def _column_chunk(N: int, V: int) -> int:
-    """Columns per backward chunk: the float32 `[N, C]` block holds about CHUNK_BUDGET_BYTES."""
-    return max(1, min(V, CHUNK_BUDGET_BYTES // max(1, 4 * N)))
-
-
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Scaled float32 logits `h Wᵀ/τ` of one chunk (`[n,H]`, `[c,H]` → `[n,c]`): the GEMM in
-    the inputs' dtype (as an eager LM head), then float32, as the reference."""
-    return (hidden @ weight.t()).float().mul_(inverse_temperature(temperature))
-
-
-# torch >= 2.8 has GEMMs with a float32 output for 16-bit inputs (CUDA kernels only).
-_FP32_OUT_GEMM = "dtype" in torch.ops.aten.addmm.overloads()
-
-
-def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`acc + a @ b` for a float32 accumulator `[M,P]`: on CUDA with 16-bit `a [M,K]`,
-    `b [K,P]` one cuBLAS GEMM adds the float32 product (as the Triton path's dh matmul);
-    elsewhere the product is rounded to the inputs' dtype before the add."""
-    global _FP32_OUT_GEMM
-    if _FP32_OUT_GEMM and a.is_cuda and a.dtype != torch.float32:
-        try:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32)
-        except (NotImplementedError, TypeError):  # no such kernel in this build
-            _FP32_OUT_GEMM = False
-    return acc.add_(a @ b)
-
-
-def _chunked_forward(hidden, weight, ids, temperature, need_entropy):
-    """`(logprobs [N,k], logsumexp [N], entropy [N] or empty)`: whole rows, a chunk at a time."""
-    N, V = hidden.shape[0], weight.shape[0]
-    dev = hidden.device
-    logp = torch.empty(N, ids.shape[1], dtype=torch.float32, device=dev)
-    lse = torch.empty(N, dtype=torch.float32, device=dev)
-    ent = torch.empty(N if need_entropy else 0, dtype=torch.float32, device=dev)
-    rows = _row_chunk(N, V)
-    for n0 in range(0, N, rows):
-        part = slice(n0, n0 + rows)
-        x = _chunk_logits(hidden[part], weight, temperature)  # [C,V]
-        lse[part] = torch.logsumexp(x, dim=-1)
-        x.sub_(lse[part, None])  # now log p: the logits at the ids and the lse share x
-        logp[part] = x.gather(1, ids[part])
-        if need_entropy:
-            ent[part] = -(x.exp() * x).sum(-1)
-        del x  # before the next chunk's GEMM allocates
-    return logp, lse, ent
-
-
-def _chunked_backward(saved, grads, temperature, need_hidden, need_weight, need_entropy):
-    """`(dh [N,H] or None, dW [V,H] or None)`, the vocabulary in column chunks: each chunk's
-    `dW` rows come from one GEMM (no cross-chunk accumulation of `[V,H]`), `dh` sums the
-    chunks' products in a float32 `[N,H]` buffer (`_accumulate_product`)."""
-    hidden, weight, ids, lse, ent = saved
-    g_logp, g_lse, g_ent = grads
-    N, H = hidden.shape
-    V = weight.shape[0]
-    grad_hidden = hidden.new_zeros(N, H, dtype=torch.float32) if need_hidden else None
-    grad_weight = (torch.empty_like if N else torch.zeros_like)(weight) if need_weight else None
-    g = g_logp.float()
-    coef = (g.sum(-1) - g_lse.float())[:, None]
-    cols = _column_chunk(N, V)
-    for v0 in range(0, V if N else 0, cols):
-        w_chunk = weight[v0 : v0 + cols]
-        width = w_chunk.shape[0]
-        dz = _chunk_logits(hidden, w_chunk, temperature).sub_(lse[:, None])  # log p [N,C]
-        if need_entropy:  # dz = −p (coef + g_ent (log p + ent)), in place
-            prob = dz.exp()
-            dz.add_(ent[:, None]).mul_(g_ent.float()[:, None]).add_(coef).mul_(prob).neg_()
-            del prob
-        else:  # dz = −p · coef, in place
-            dz.exp_().mul_(coef).neg_()
-        local = ids - v0
-        inside = (local >= 0) & (local < width)
-        dz.scatter_add_(1, local.clamp(0, width - 1), torch.where(inside, g, 0.0))
-        dz = dz.mul_(inverse_temperature(temperature)).to(
-            hidden.dtype
-        )  # frees the float32 block (16-bit inputs)
-        if need_weight:
-            torch.mm(dz.t(), hidden, out=grad_weight[v0 : v0 + width])
-        if need_hidden:
-            grad_hidden = _accumulate_product(grad_hidden, dz, w_chunk)
-        del dz  # before the next chunk's GEMM allocates
-    if need_hidden:
-        grad_hidden = grad_hidden.to(hidden.dtype)
-    return grad_hidden, grad_weight
-
-
-class ChunkedLogprobsFunction(torch.autograd.Function):
-    """LM head + log-probs at ids through torch GEMMs in chunks, never `[N,V]` at once.
-
-    `apply(hidden [N,H], weight [V,H], ids [N,k] int64, temperature, need_entropy)` →
-    `(logprobs [N,k], logsumexp [N], entropy [N])`, float32 and differentiable; hidden and
-    weight share one dtype. Without `need_entropy` the entropy is empty (`[0]`).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, ids, temperature, need_entropy):
-        logp, lse, ent = _chunked_forward(hidden, weight, ids, temperature, need_entropy)
-        ctx.save_for_backward(hidden, weight, ids, lse, ent)
-        ctx.temperature = temperature
-        ctx.need_entropy = need_entropy
-        return logp, lse, ent
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_lse, g_ent):
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden, grad_weight = _chunked_backward(
-            ctx.saved_tensors,
-            (g_logp, g_lse, g_ent),
-            ctx.temperature,
-            need_hidden,
-            need_weight,
-            ctx.need_entropy,
-        )
-        return grad_hidden, grad_weight, None, None, None
-
-
-# ---------------------------------------------------------------------------------------
-# Autocast: one cast of the LM head per weight version, not one per call
-# ---------------------------------------------------------------------------------------
-
-# Cache the autocast-dtype copy of a leaf weight that requires grad (see the module
-# docstring); False casts on every call, as before.
-CACHE_WEIGHT_CASTS = True
-_weight_casts: dict[int, tuple] = {}  # id(weight) -> (weakref, stamp, detached cast)
-_step_hook = None
-
-
-def clear_weight_cast_cache() -> None:
-    """Drop every cached LM-head cast (after changing a weight behind autograd's back, e.g.
-    through `.data` outside a torch optimizer)."""
-    _weight_casts.clear()
-
-
-def _clear_after_optimizer_step(optimizer, args, kwargs) -> None:
-    _weight_casts.clear()
-
-
-def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The one place that copies the LM head to another dtype (detached)."""
-    return weight.detach().to(dtype)
-
-
-class _CachedCast(torch.autograd.Function):
-    """`cast` (a detached copy of `weight` in another dtype) with its gradient sent to
-    `weight` in `weight`'s dtype, as autograd would for `weight.to(dtype)`."""
-
-    @staticmethod
-    def forward(ctx, weight, cast):
-        ctx.dtype = weight.dtype
-        return cast.view_as(cast)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.to(ctx.dtype), None
-
-
-def _cacheable(weight: torch.Tensor) -> bool:
-    return (
-        CACHE_WEIGHT_CASTS
-        and weight.requires_grad
-        and weight.is_leaf
-        and not weight.is_inference()
-        and not torch.is_inference_mode_enabled()  # its copy could never be saved for backward
-        and not torch.compiler.is_compiling()
-    )
-
-
-def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight.to(dtype)` (differentiable), cast once per version of a trainable weight.
-
-    The cached copy is reused while the weight's version counter, storage, shape and device
-    are unchanged, and dropped after every `torch.optim` optimizer step (a global post-step
-    hook, registered on first use: a fused optimizer updates in place without bumping the
-    version counter) and when the weight is garbage collected.
-    """
-    global _step_hook
-    if weight.dtype == dtype or not _cacheable(weight):
-        return weight.to(dtype)
-    key = id(weight)
-    stamp = (weight._version, weight.data_ptr(), dtype, weight.device, weight.shape)
-    entry = _weight_casts.get(key)
-    if entry is None or entry[0]() is not weight or entry[1] != stamp:
-        ref = weakref.ref(weight, lambda _, key=key: _weight_casts.pop(key, None))
-        entry = (ref, stamp, _cast_weight(weight, dtype))
-        _weight_casts[key] = entry
-        if _step_hook is None:
-            _step_hook = register_optimizer_step_post_hook(_clear_after_optimizer_step)
-    return _CachedCast.apply(weight, entry[2])
 
 
 # ---------------------------------------------------------------------------------------

@@ -129,14 +129,19 @@ def save_checkpoint(
     trainer_state: dict,
     *,
     keep: int = 2,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints.
+
+    `state_dict`: the model's weights when `model.state_dict()` does not hold them all
+    (FSDP2 shards, see `motg_fast.distributed.full_state_dict`).
+    """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_writes(run_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
+        model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
         torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)

@@ -129,7 +129,7 @@ class Config:
     rollout_batch_prompts: int = _f(
         0, "prompts per generation call (0: all of a step's prompts at once)"
     )
-    steps: int = _f(12, "training steps (the default job fits 10 minutes on 2 CPU cores)")
+    steps: int = _f(10, "training steps (the default job fits 10 minutes on 2 CPU cores)")
     token_budget: int = _f(
         0,
         "stop once the rollouts have generated this many tokens in all (0: no limit; "

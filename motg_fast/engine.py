@@ -116,7 +116,6 @@ class RolloutEngine:
         self.tokenizer = tokenizer
         self.max_new_tokens = self._check_length(max_new_tokens)
         self.think_end = think_end
-        self.embedding = model.get_input_embeddings().weight
         self.device = self.embedding.device
         self.vocab_size = self.embedding.shape[0]
         self.config = model.config.get_text_config(decoder=True)
@@ -142,6 +141,12 @@ class RolloutEngine:
         self._marker_ids: torch.Tensor | None = None
 
     # ---- construction helpers ---------------------------------------------------------
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The input embedding `[V,H]`, read on each use: FSDP2 swaps the parameter object
+        when it gathers the full weights (see `motg_fast.distributed`)."""
+        return self.model.get_input_embeddings().weight
 
     @staticmethod
     def _check_length(max_new_tokens) -> int:

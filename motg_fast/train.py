@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from .checkpoint import CheckpointError
@@ -31,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     config = parse_config(
         argv, prog="python -m motg_fast.train", description=__doc__.split("\n\n")[0]
     )
+    start = time.monotonic()
     trainer = Trainer(config)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -45,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         last = records[-1]
         print(
             f"step {last['step']}: reward {last['reward']:.3f}, accuracy {last['correct']:.3f}; "
-            f"run written to {config.run_dir}",
+            f"run written to {config.run_dir} ({(time.monotonic() - start) / 60:.1f} min)",
             file=sys.stderr,
         )
     return records

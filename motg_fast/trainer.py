@@ -44,6 +44,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .distributed import full_parameters, full_state_dict, plain
 from .engine import RolloutEngine
 from .evaluate import format_gain_table, heldout_gain, write_result
 from .grpo import group_advantages, grpo_loss, masked_mean
@@ -331,6 +332,11 @@ class Trainer:
         return ckpt
 
     def _restore(self, ckpt: LoadedCheckpoint) -> None:
+        if getattr(self.accelerator, "is_fsdp2", False):  # see motg_fast.distributed
+            raise NotImplementedError(
+                "resuming under FSDP2 is not supported: the checkpoint's optimizer state "
+                "is the main process's shard only; resume without --use_fsdp"
+            )
         self.optimizer.load_state_dict(ckpt.state["optimizer"])
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         set_rng_state(ckpt.state["rng"])
@@ -376,7 +382,7 @@ class Trainer:
         chunk = c.rollout_batch_prompts or len(items)
         parts = []
         self.model.eval()
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), full_parameters(self.scorer):
             for start in range(0, len(items), chunk):
                 parts.append(
                     self.engine.generate(
@@ -424,9 +430,10 @@ class Trainer:
         tokens_global = self._global_sum(float(traj.loss_mask.sum()))
         chunks = self._micro_batches(n)
         frozen = None
-        if c.spec.noise_std > 0:  # the actions' inputs, before any update moves E
-            frozen = FrozenEmbedding.of(self.model.get_input_embeddings().weight, traj.ids)
-        old = self._old_logprobs(traj, chunks, frozen)
+        with full_parameters(self.scorer):
+            if c.spec.noise_std > 0:  # the actions' inputs, before any update moves E
+                frozen = FrozenEmbedding.of(self.model.get_input_embeddings().weight, traj.ids)
+            old = self._old_logprobs(traj, chunks, frozen)
         ref = self._ref_logprobs(traj, chunks, frozen) if self.ref_model is not None else None
         sums: dict[str, torch.Tensor] = {}  # device tensors: one host sync at the end
         grad_norm = 0.0
@@ -460,7 +467,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] = grad_norm.detach().float()
+        sums["grad_norm"] = plain(grad_norm).detach().float()
         keys = list(sums)
         record = dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))
         record["lr"] = self.scheduler.get_last_lr()[0]
@@ -559,6 +566,7 @@ class Trainer:
         """Checkpoint after `step` (main process writes; every process waits)."""
         self.accelerator.wait_for_everyone()
         path = None
+        weights = full_state_dict(self.accelerator, self.scorer)  # FSDP2 only (else None)
         if self.accelerator.is_main_process:
             state = {
                 "optimizer": self.optimizer.state_dict(),
@@ -574,6 +582,7 @@ class Trainer:
                 self.tokenizer,
                 state,
                 keep=self.config.keep_checkpoints,
+                state_dict=weights,
             )
         self.accelerator.wait_for_everyone()
         return path
@@ -600,7 +609,7 @@ class Trainer:
         if items:
             self.model.eval()
             try:
-                with self.accelerator.autocast():
+                with self.accelerator.autocast(), full_parameters(self.scorer):
                     result = evaluate(
                         self.model,
                         self.tokenizer,

@@ -564,10 +564,10 @@ def grpo_step(result_path: Path) -> int:
         return original_loss(*args, **kwargs)
 
     trainer_module.grpo_loss = capturing_loss
-    logprobs_module = importlib.import_module("motg_fast.kernels.mixture_logprobs")
+    cast_module = importlib.import_module("motg_fast.kernels._weight_cast")
     casts = []
-    original_cast = logprobs_module._cast_weight
-    logprobs_module._cast_weight = lambda w, dtype: casts.append(dtype) or original_cast(w, dtype)
+    original_cast = cast_module._cast_weight
+    cast_module._cast_weight = lambda w, dtype: casts.append(dtype) or original_cast(w, dtype)
 
     with tempfile.TemporaryDirectory() as run_dir:
         settings = dict(

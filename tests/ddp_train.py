@@ -14,7 +14,7 @@ from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
 from toy_task import ToyTasks, letter_reward  # noqa: E402
 
 
-def main(run_dir: str, prompts: int, steps: int) -> None:
+def main(run_dir: str, prompts: int, steps: int, accelerator=None) -> None:
     config = Config(
         model="tiny",
         tasks="leg_counting",
@@ -47,6 +47,7 @@ def main(run_dir: str, prompts: int, steps: int) -> None:
         tokenizer=tiny_tokenizer(),
         task_set=ToyTasks(),
         reward_fn=letter_reward,
+        accelerator=accelerator,
     ).train()
 
 

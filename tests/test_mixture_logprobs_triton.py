@@ -17,6 +17,8 @@ import triton.language as tl
 from motg_fast.kernels import mixture_embed, mixture_logprobs
 
 logprobs_module = importlib.import_module("motg_fast.kernels.mixture_logprobs")
+chunked_module = importlib.import_module("motg_fast.kernels._logprobs_chunked")
+cast_module = importlib.import_module("motg_fast.kernels._weight_cast")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's CPU interpreter truncates float32 → 16-bit casts (error up to 1 ulp where rounding
@@ -318,17 +320,17 @@ def test_chunked_path_never_holds_more_than_one_chunk(monkeypatch):
     h, w, ids = make_inputs((20,), 3)
     ids[:, 0] = torch.arange(20) * 15  # ids in every backward chunk, incl. the last columns
     ids[-1, 1] = V - 1
-    monkeypatch.setattr(logprobs_module, "CHUNK_BUDGET_BYTES", 3620)
-    assert logprobs_module._row_chunk(20, V) == 3
-    assert logprobs_module._column_chunk(20, V) == 45
+    monkeypatch.setattr(chunked_module, "CHUNK_BUDGET_BYTES", 3620)
+    assert chunked_module._row_chunk(20, V) == 3
+    assert chunked_module._column_chunk(20, V) == 45
     shapes = []
-    original = logprobs_module._chunk_logits
+    original = chunked_module._chunk_logits
 
     def spy(hidden, weight, temperature):
         shapes.append((hidden.shape[0], weight.shape[0]))
         return original(hidden, weight, temperature)
 
-    monkeypatch.setattr(logprobs_module, "_chunk_logits", spy)
+    monkeypatch.setattr(chunked_module, "_chunk_logits", spy)
     result = run(h, w, ids, backend="chunked", return_entropy=True)
     forward, backward = shapes[:7], shapes[7:]
     assert forward == [(3, V)] * 6 + [(2, V)]
@@ -356,13 +358,13 @@ def test_chunked_dispatch_and_errors(monkeypatch):
     monkeypatch.setenv("MOTG_BACKEND", "triton")
     triton_calls = count_triton_calls(monkeypatch)
     chunked_calls = []
-    original = logprobs_module._chunked_forward
+    original = chunked_module._chunked_forward
 
     def spy(hidden, *args):
         chunked_calls.append(hidden.dtype)
         return original(hidden, *args)
 
-    monkeypatch.setattr(logprobs_module, "_chunked_forward", spy)
+    monkeypatch.setattr(chunked_module, "_chunked_forward", spy)
     h, w, ids = make_inputs((4,), 2)
     logp, lse = mixture_logprobs(h, w, ids, temperature=TAU, backend="chunked")
     assert chunked_calls == [torch.float32] and not triton_calls
@@ -455,13 +457,13 @@ def cast_counter(monkeypatch):
     """Counts the casts of an LM head to the autocast dtype; starts from an empty cache."""
     logprobs_module.clear_weight_cast_cache()
     casts = []
-    original = logprobs_module._cast_weight
+    original = cast_module._cast_weight
 
     def spy(weight, dtype):
         casts.append((tuple(weight.shape), dtype))
         return original(weight, dtype)
 
-    monkeypatch.setattr(logprobs_module, "_cast_weight", spy)
+    monkeypatch.setattr(cast_module, "_cast_weight", spy)
     yield casts
     logprobs_module.clear_weight_cast_cache()
 
@@ -500,25 +502,25 @@ def test_autocast_casts_the_lm_head_once_per_step(cast_counter, monkeypatch, bac
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         first = autocast_step(h, weight, ids, grads, backend)
     assert cast_counter == [((V, H), torch.bfloat16)]
-    cached = logprobs_module._weight_casts[id(weight)][2]
+    cached = cast_module._weight_casts[id(weight)][2]
     assert len(saved) == 2 and set(saved) == {cached.data_ptr()}  # no per-call copy saved
 
-    monkeypatch.setattr(logprobs_module, "CACHE_WEIGHT_CASTS", False)
+    monkeypatch.setattr(cast_module, "CACHE_WEIGHT_CASTS", False)
     uncached = w.clone().requires_grad_()
     expected = autocast_step(h, uncached, ids, grads, backend)
     assert len(cast_counter) == 1  # uncached casts do not go through the cache
-    monkeypatch.setattr(logprobs_module, "CACHE_WEIGHT_CASTS", True)
+    monkeypatch.setattr(cast_module, "CACHE_WEIGHT_CASTS", True)
     for a, b in zip([*first, weight.grad], [*expected, uncached.grad], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     optimizer = torch.optim.AdamW([weight], lr=0.05, fused=fused)
     optimizer.step()
-    assert not logprobs_module._weight_casts
+    assert not cast_module._weight_casts
     weight.grad = None
     second = autocast_step(h, weight, ids, grads, backend)
     assert len(cast_counter) == 2
     fresh = weight.detach().clone().requires_grad_()
-    monkeypatch.setattr(logprobs_module, "CACHE_WEIGHT_CASTS", False)
+    monkeypatch.setattr(cast_module, "CACHE_WEIGHT_CASTS", False)
     again = autocast_step(h, fresh, ids, grads, backend)
     for a, b in zip([*second, weight.grad], [*again, fresh.grad], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -539,10 +541,10 @@ def test_weight_cast_cache_follows_in_place_changes_and_frees(cast_counter):
     assert len(cast_counter) == 2 and not torch.equal(first, second)
     ref, _ = mixture_logprobs(h, weight.detach(), ids, backend="chunked")  # float32, no cast
     torch.testing.assert_close(second, ref, rtol=0.05, atol=0.05)
-    assert list(logprobs_module._weight_casts) == [id(weight)]
+    assert list(cast_module._weight_casts) == [id(weight)]
     del weight, first, second  # the outputs' graphs hold the weight too
     gc.collect()
-    assert not logprobs_module._weight_casts
+    assert not cast_module._weight_casts
 
 
 @pytest.mark.gpu
@@ -581,7 +583,7 @@ def test_gpu_chunked_real_shapes_and_memory():
     outs, dh, dw = run(h, w, ids, grads, backend="chunked")
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - 2 * (dh.nbytes + dw.nbytes)  # I/O
-    limit = 4 * logprobs_module.CHUNK_BUDGET_BYTES + 4 * n * hidden * 4 + 2**26
+    limit = 4 * chunked_module.CHUNK_BUDGET_BYTES + 4 * n * hidden * 4 + 2**26
     assert limit < n * vocab * 4  # below one float32 copy of the logits
     assert extra < limit, f"chunked path used {extra / 2**20:.0f} MiB beyond inputs/outputs"
     ref_outs, ref_dh, ref_dw = run(h, w, ids, grads, backend="reference")
@@ -606,7 +608,7 @@ def test_inference_mode_calls_do_not_fill_the_cast_cache(cast_counter, backend):
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         with torch.inference_mode():
             mixture_logprobs(h, weight, ids, backend=backend)
-        assert not logprobs_module._weight_casts and not cast_counter
+        assert not cast_module._weight_casts and not cast_counter
         logp, lse = mixture_logprobs(h, weight, ids, backend=backend)
     (logp.sum() + lse.sum()).backward()
     assert cast_counter == [((V, H), torch.bfloat16)] and weight.grad.dtype == torch.float32

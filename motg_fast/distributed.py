@@ -1,0 +1,78 @@
+"""FSDP2 support: full parameters for code that reads the policy outside its forward.
+
+Under `accelerate launch --use_fsdp --fsdp_version 2`, accelerate shards the prepared
+`PolicyScorer` with `torch.distributed.fsdp.fully_shard`: between forwards each process
+holds only its shard of every parameter (a `DTensor`), and a unit's full parameters exist
+only inside that unit's forward. The training forward goes through the scorer's forward,
+so the root unit gathers everything it owns there, the input embedding and LM-head weights
+included (`score_trajectories` reads them directly, not through their modules' forward;
+they stay in the root unit because the scorer does not expose `get_input_embeddings`).
+
+Everything else reads the policy without the scorer's forward: the rollout engine (it calls
+the decoder and reads the embedding and LM-head weights itself), the old log-likelihoods
+and their frozen embedding rows, the held-out evaluation, and checkpoint saving.
+`full_parameters` all-gathers the sharded parameters around such code, `full_state_dict`
+gathers the weights for a checkpoint. Without FSDP2 both do nothing.
+
+Every process must enter them together (all-gathers are collectives). With nested units
+(e.g. `--fsdp_transformer_layer_cls_to_wrap`) a unit whose forward runs inside the block
+reshards at its end as usual and gathers again on its next forward: correct, not fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch without FSDP2
+    FSDPModule = None
+
+
+def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 units in `module` (itself first when it is one); empty without FSDP2."""
+    if FSDPModule is None:
+        return []
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Every parameter under `module` unsharded (plain tensors) inside the block.
+
+    `module` is the prepared module (the FSDP root, e.g. the trainer's `scorer`); code in
+    the block may use any of its submodules and weights directly. A no-op without FSDP2.
+    """
+    units = fsdp_units(module)
+    if not units:
+        yield
+        return
+    if len(units) > 1:
+        # The first unit to run forward becomes FSDP's root; a decoder layer called
+        # directly (by the engine) must not claim it before the real root ran.
+        units[0]._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as a plain tensor: a `DTensor` (e.g. FSDP2's gradient norm) gathered whole."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def full_state_dict(accelerator, scorer: torch.nn.Module) -> dict | None:
+    """The policy's full weights for a checkpoint under FSDP2 (keys of the wrapped model),
+    None otherwise. A collective: every process calls it; the main process gets the
+    tensors (on the CPU)."""
+    if not getattr(accelerator, "is_fsdp2", False):
+        return None
+    state = accelerator.get_state_dict(scorer)
+    return {key.removeprefix("model."): value for key, value in state.items()}
