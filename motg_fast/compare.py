@@ -334,7 +334,8 @@ def write_outputs(config: CompareConfig, runs: list[Run], result: dict[str, Any]
         if config.budget == "tokens"
         else f"every arm {config.steps} steps"
     )
-    payload = {"command": " ".join(sys.argv), "budget": budget, **result}
+    command = "python -m motg_fast.compare " + " ".join(sys.argv[1:])
+    payload = {"command": command, "budget": budget, **result}
     payload["config"] = config.to_dict()
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot_curves(runs, out / "curves.png")
