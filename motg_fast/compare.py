@@ -43,6 +43,7 @@ from typing import Any
 from .checkpoint import CheckpointError, list_checkpoints
 from .cli import parse_config, run_cli
 from .config import Config, method_values, read_config_file
+from .evaluate import write_result
 from .kernels.spec import METHODS
 
 RUN_SUMMARY = "compare_run.json"  # written in a run directory when its run has finished
@@ -203,9 +204,7 @@ def execute(config: Config, keep_checkpoints: bool) -> dict:
     if not keep_checkpoints:
         for path in list_checkpoints(run_dir):
             shutil.rmtree(path, ignore_errors=True)
-    tmp = run_dir / f".{RUN_SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(run_dir / RUN_SUMMARY)
+    write_result(summary, run_dir / RUN_SUMMARY)  # atomic: its presence means "finished"
     return summary
 
 
@@ -337,7 +336,7 @@ def write_outputs(config: CompareConfig, runs: list[Run], result: dict[str, Any]
     command = "python -m motg_fast.compare " + " ".join(sys.argv[1:])
     payload = {"command": command, "budget": budget, **result}
     payload["config"] = config.to_dict()
-    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(payload, out / "results.json")
     plot_curves(runs, out / "curves.png")
     text = "\n".join(
         [
