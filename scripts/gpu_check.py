@@ -13,7 +13,7 @@ Parts, each in its own subprocess with its own time limit (log in `OUT_DIR/logs/
   test tokenizer. Asserts that the importance ratios of the step are ≈ 1 (μ = 1: the
   rollout's log-probs and the training forward's must agree; `RATIO_TOLERANCE`) and that the
   step is finite; reports the clip fraction, times, peak memory and how many times the LM
-  head was cast to bf16 (once per step, see `kernels/mixture_logprobs.py`). On a CPU it
+  head was cast to bf16 (once per step, see `motg_fast/kernels/mixture_logprobs.py`). On a CPU it
   runs the same step on the tiny random Qwen2 of the tests instead (float32, the reference
   kernels), so the code path is exercised everywhere.
 - `bench_training_kernels`, `bench_mixture_step`, `bench_rollout`, `bench_train_step`: the

@@ -5,5 +5,5 @@
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"
 
-"$VENV/bin/ruff" check kernels motg_fast tests bench scripts examples
+"$VENV/bin/ruff" check motg_fast tests bench scripts examples
 "$PY" -m pytest -q "$@"

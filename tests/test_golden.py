@@ -1,19 +1,28 @@
-"""Same seed, same outputs: rollouts, kernel steps and training runs equal, bit for bit, the
-golden outputs in `tests/data/golden.pt`.
+"""Same seed, same outputs: rollouts, kernel steps and training runs equal the golden outputs
+in `tests/data/golden.pt`.
 
 The golden file holds, for six specs on the tiny Qwen2 model: the engine's trajectories
 (`RolloutEngine.generate`, seeds 7…12) and one `mixture_step` per backend on fixed logits
 (generator seeds 11…16); and, for three training setups (2 steps of `Trainer` on the toy
-task), the per-step metrics and a SHA-256 of every parameter after training.
+task), the per-step metrics and every parameter after training.
+
+Discrete outputs (ids, masks, slots, phases, lengths, texts, integer metrics) must be equal.
+Float outputs are compared within `FLOAT_TOLERANCE`: CPUs differ in the last bits of
+float32 results (AVX2 vs AVX-512 reductions, fused multiply-adds, thread counts), by up to
+a few 1e-6 on these values, while any change of the math moves them by far more. Trained
+weights are compared by their update from the initial weights, within `UPDATE_TOLERANCE`
+of its norm per tensor: Adam's normalised steps turn last-bit gradient differences on
+near-zero gradients into differences of the order of the learning rate on a few entries.
 
 History: first recorded from commit e695b3e, before the `MixtureSpec` API; the refactor
 reproduced it bit for bit. Re-recorded (`python tests/test_golden.py --record`) when every
 path started to multiply logits by the float32 reciprocal of τ instead of dividing on the
-CPU: the specs with τ ≠ 1 moved by float rounding, the others did not. Re-record only for a
-deliberate numerical change, and say which in the commit.
+CPU: the specs with τ ≠ 1 moved by float rounding, the others did not. The training part was
+re-recorded with the weights themselves in place of SHA-256 digests (a digest of float
+weights cannot match across CPUs). Re-record only for a deliberate numerical change, and say
+which in the commit.
 """
 
-import hashlib
 import sys
 import tempfile
 from pathlib import Path
@@ -53,6 +62,8 @@ TRAINING = {
     "discrete": dict(k=1, selection="sample", likelihood="token"),
 }
 TIMING = ("rollout_time", "train_time", "generated_tokens_per_s")
+FLOAT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+UPDATE_TOLERANCE = 1e-2  # of the norm of a tensor's training update
 
 
 def rollout(index: int) -> dict:
@@ -76,7 +87,7 @@ def kernel_step(index: int, backend: str) -> dict:
 
 
 def training(case: str, run_dir: Path) -> dict:
-    """Two trainer steps of a setup: the metrics (timing left out) and parameter digests."""
+    """Two trainer steps of a setup: the metrics (timing left out) and the parameters."""
     config = Config(
         model="unused-in-tests",
         tasks="leg_counting",
@@ -108,15 +119,43 @@ def training(case: str, run_dir: Path) -> dict:
         reward_fn=letter_reward,
     )
     metrics = [{k: v for k, v in r.items() if k not in TIMING} for r in trainer.train()]
-    state = {
-        name: hashlib.sha256(value.detach().contiguous().numpy().tobytes()).hexdigest()
-        for name, value in model.state_dict().items()
-    }
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     return {"metrics": metrics, "state": state}
 
 
 def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.dtype == want.dtype and torch.equal(got.cpu(), want), what
+    """Equal for discrete tensors; within `FLOAT_TOLERANCE` for float ones."""
+    got = got.cpu()
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    if got.is_floating_point():
+        torch.testing.assert_close(got, want, **FLOAT_TOLERANCE, msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(got, want), what
+
+
+def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    """Per-step metrics: the golden's keys (newer metrics are new keys), integers equal,
+    floats within `FLOAT_TOLERANCE`."""
+    assert len(got) == len(want)
+    for step, (record, old) in enumerate(zip(got, want)):
+        for key, value in old.items():
+            if isinstance(value, float):
+                assert record[key] == pytest.approx(
+                    value, rel=FLOAT_TOLERANCE["rtol"], abs=FLOAT_TOLERANCE["atol"]
+                ), f"step {step} {key}"
+            else:
+                assert record[key] == value, f"step {step} {key}"
+
+
+def _assert_same_training(got: dict, want: dict, initial: dict) -> None:
+    """Each parameter's training update equals the golden's within `UPDATE_TOLERANCE` of
+    its norm (and untouched parameters stay exactly as they were)."""
+    assert got.keys() == want.keys()
+    for name, start in initial.items():
+        update, want_update = got[name] - start, want[name] - start
+        scale = float(want_update.norm())
+        error = float((update - want_update).norm())
+        assert error <= UPDATE_TOLERANCE * scale + 1e-7, f"{name}: {error:.3g} vs {scale:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -143,26 +182,31 @@ def test_kernel_steps_equal_the_golden(index, backend, golden):
 @pytest.mark.parametrize("case", list(TRAINING))
 def test_training_equals_the_golden(case, tmp_path, golden):
     got, want = training(case, tmp_path / "run"), golden["training"][case]
-    # metrics added since the golden (e.g. flat_groups) are new keys; the old ones are equal
-    old_keys = [{k: r[k] for k in old} for r, old in zip(got["metrics"], want["metrics"])]
-    assert old_keys == want["metrics"] and len(got["metrics"]) == len(want["metrics"])
-    assert got["state"] == want["state"]
+    _assert_same_metrics(got["metrics"], want["metrics"])
+    _assert_same_training(got["state"], want["state"], tiny_qwen2(seed=0).state_dict())
 
 
-def record() -> None:
-    """Write the golden file from the current code (see the module docstring)."""
+PARTS = {
+    "rollouts": lambda tmp: {i: rollout(i) for i in range(len(SPECS))},
+    "kernel_steps": lambda tmp: {
+        i: {b: kernel_step(i, b) for b in ("reference", "triton")} for i in range(len(SPECS))
+    },
+    "training": lambda tmp: {case: training(case, Path(tmp) / case) for case in TRAINING},
+}
+
+
+def record(parts: list[str]) -> None:
+    """Re-record `parts` of the golden file (all when empty) from the current code, keeping
+    the others (see the module docstring)."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown parts {unknown}; parts: {', '.join(PARTS)}")
+    data = torch.load(PATH, weights_only=False) if PATH.exists() and parts else {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = {
-            "rollouts": {i: rollout(i) for i in range(len(SPECS))},
-            "kernel_steps": {
-                i: {b: kernel_step(i, b) for b in ("reference", "triton")}
-                for i in range(len(SPECS))
-            },
-            "training": {case: training(case, Path(tmp) / case) for case in TRAINING},
-        }
+        data.update({part: PARTS[part](tmp) for part in parts or PARTS})
     torch.save(data, PATH)
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
-    record()
+if __name__ == "__main__" and sys.argv[1:2] == ["--record"]:
+    record(sys.argv[2:])  # python tests/test_golden.py --record [rollouts kernel_steps training]
     print(f"wrote {PATH}")

@@ -1,4 +1,4 @@
-"""The PyTorch reference of the rollout step against the math of kernels/mixture_step.py."""
+"""The PyTorch reference of the rollout step against the math of its module docstring."""
 
 import itertools
 import math

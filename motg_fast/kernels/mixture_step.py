@@ -239,7 +239,7 @@ _NOISE_NONE, _NOISE_GIVEN, _NOISE_PHILOX = 0, 1, 2
 # Launchers
 # --------------------------------------------------------------------------------------
 
-# Tunables of the Triton path. They can only be measured on a GPU; see kernels/README.md.
+# Tunables of the Triton path. They can only be measured on a GPU; see README.md beside this file.
 BLOCK_V = 1024  # vocabulary tile of a scan program
 SCAN_WARPS = 4  # warps of the scan / merge programs
 PROGRAMS_PER_SM = 2  # split target when the batch alone cannot fill the GPU
