@@ -143,6 +143,11 @@ class Config:
     beta: float = _f(0.0, "KL weight β to the frozen reference (0: no reference model)")
     eps_low: float = _f(0.2, "clip ε_low of the ratio")
     eps_high: float = _f(0.2, "clip ε_high of the ratio")
+    clip_per_slot: bool = _f(
+        False,
+        "clip each slot's ratio on its own and sum the slots' surrogates (Multiplex Thinking's "
+        "loss; selection=iid with fixed weights and token, likelihood=exact)",
+    )
     mu: int = _f(1, "optimisation passes per rollout batch")
     old_logprobs: str = _f(
         "auto",
@@ -265,13 +270,14 @@ class Config:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.spec.is_deterministic:
+        if self.spec.is_deterministic and self.spec.is_discrete:
             raise ValueError(
-                "selection=topk, weighting=prob with a deterministic token (k=1 or "
-                "representative=argmax) is greedy decoding: there is nothing to learn from "
-                "(and no exact likelihood); use selection=sample or a random weighting"
+                "k=1 with selection=topk is greedy decoding: there is nothing to learn from "
+                "(and no exact likelihood); use selection=sample"
             )
         self.spec.check_likelihood(self.likelihood)
+        if self.clip_per_slot:
+            _check_per_slot(self.spec, self.likelihood)
 
     # ------------------------------------------------------------------ helpers
     def reward_weights(self):
@@ -484,12 +490,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named sets of field values, applied before explicit flags."""
 
 
+def _check_per_slot(spec, likelihood: str) -> None:
+    """clip_per_slot needs a likelihood that is a sum of slot terms: independent draws
+    (`iid`) with weights and token fixed by them, scored `exact`."""
+    fixed = spec.weighting in ("prob", "uniform") and spec.representative != "sample"
+    if spec.selection != "iid" or not fixed or likelihood != "exact" or spec.noise_std > 0:
+        raise ValueError(
+            "clip_per_slot clips each slot's ratio, which needs a likelihood that is a sum of "
+            "slot terms: selection=iid, weighting=prob or uniform, representative=first or "
+            "argmax, noise_std=0 and likelihood=exact"
+        )
+
+
 def method_values(name: str) -> dict[str, Any]:
-    """The config values of `--method NAME`: its spec fields, likelihood and name."""
+    """The config values of `--method NAME`: its spec fields, likelihood, training settings
+    and name."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
     method = METHODS[name]
-    return {**method.fields, "likelihood": method.likelihood, "method": name}
+    return {**method.fields, "likelihood": method.likelihood, **method.training, "method": name}
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -80,7 +80,7 @@ class Record:
         steps, rows, k = plan.steps, plan.rows, plan.spec.k
         z = dict(device=device)
         self.ids = torch.zeros(steps, rows, k, dtype=torch.int64, **z)
-        self.weights = torch.zeros(steps, rows, k, dtype=torch.float32, **z)
+        self.weight_logits = torch.zeros(steps, rows, k, dtype=torch.float32, **z)
         self.mask = torch.zeros(steps, rows, k, dtype=torch.bool, **z)
         self.logprobs = torch.zeros(steps, rows, k, dtype=torch.float32, **z)
         self.token = torch.zeros(steps, rows, dtype=torch.int64, **z)
@@ -88,6 +88,9 @@ class Record:
         self.phase = torch.zeros(steps, rows, dtype=torch.int8, **z)
         self.entropy = torch.zeros(steps, rows, dtype=torch.float32, **z)
         self.alive = torch.zeros(steps, rows, dtype=torch.bool, **z)
+        self.rest_logprob = None
+        if plan.spec.needs_rest:
+            self.rest_logprob = torch.zeros(steps, rows, dtype=torch.float32, **z)
         self.logits = None
         if plan.return_logits:
             self.logits = torch.zeros(steps, rows, vocab, dtype=torch.float32, **z)
@@ -95,7 +98,7 @@ class Record:
     def write(self, t: int, active: Active, step: Step, logits: torch.Tensor) -> None:
         rows = active.rows
         self.ids[t].index_copy_(0, rows, step.ids)
-        self.weights[t].index_copy_(0, rows, step.weights.float())
+        self.weight_logits[t].index_copy_(0, rows, step.weight_logits.float())
         self.mask[t].index_copy_(0, rows, step.mask)
         self.logprobs[t].index_copy_(0, rows, step.logprobs.float())
         self.token[t].index_copy_(0, rows, step.token)
@@ -103,6 +106,8 @@ class Record:
         self.phase[t].index_copy_(0, rows, active.phase)
         self.entropy[t].index_copy_(0, rows, step.entropy.float())
         self.alive[t].index_copy_(0, rows, active.alive)
+        if self.rest_logprob is not None and step.rest_logprob is not None:
+            self.rest_logprob[t].index_copy_(0, rows, step.rest_logprob.float())
         if self.logits is not None:
             self.logits[t].index_copy_(0, rows, logits.float())
 
@@ -112,13 +117,14 @@ class Step:
     """One decode step's actions for the active rows (k slots)."""
 
     ids: torch.Tensor  # [n,k]
-    weights: torch.Tensor  # [n,k]
+    weight_logits: torch.Tensor  # [n,k] ω: the weights are softmax(ω) over the valid slots
     mask: torch.Tensor  # [n,k]
     token: torch.Tensor  # [n]
     logprobs: torch.Tensor  # [n,k]
     entropy: torch.Tensor  # [n]
     embeds: torch.Tensor  # [n,H]
     token_slot: torch.Tensor  # [n] int64 slot of `token` (the drawn slot)
+    rest_logprob: torch.Tensor | None = None  # [n] log-mass outside the ids (needs_rest)
 
     @classmethod
     def discrete(cls, step, k: int) -> Step:
@@ -128,13 +134,13 @@ class Step:
     @classmethod
     def token_action(cls, token, logprob, entropy, embeds, k: int) -> Step:
         """One token per row `[n]` (its log-prob `[n]`) stored in k slots: `[y, y, …]`,
-        weights `[1, 0, …]`, slot 0."""
+        weights `[1, 0, …]` (weight logits 0, one valid slot), slot 0."""
         n = token.shape[0]
         first = torch.zeros(n, k, dtype=torch.bool, device=token.device)
         first[:, 0] = True
         return cls(
             ids=token.unsqueeze(-1).expand(n, k),
-            weights=first.float(),
+            weight_logits=torch.zeros(n, k, dtype=torch.float32, device=token.device),
             mask=first,
             token=token,
             logprobs=logprob.unsqueeze(-1).expand(n, k),
@@ -147,26 +153,31 @@ class Step:
     def of(cls, step) -> Step:
         return cls(
             step.ids,
-            step.weights,
+            step.weight_logits,
             step.mask,
             step.token,
             step.logprobs,
             step.entropy,
             step.embeds,
             step.token_slot,
+            step.rest_logprob,
         )
 
     @classmethod
     def blend(cls, mixture: Step, discrete: Step, use_discrete: torch.Tensor) -> Step:
         """Row-wise choice: `discrete` where `use_discrete [n]` is True, else `mixture`."""
         row = use_discrete.unsqueeze(-1)
+        rest = mixture.rest_logprob
+        if rest is not None:  # discrete positions are scored by their token alone
+            rest = torch.where(use_discrete, torch.zeros_like(rest), rest)
         return cls(
             ids=torch.where(row, discrete.ids, mixture.ids),
-            weights=torch.where(row, discrete.weights, mixture.weights),
+            weight_logits=torch.where(row, discrete.weight_logits, mixture.weight_logits),
             mask=torch.where(row, discrete.mask, mixture.mask),
             token=torch.where(use_discrete, discrete.token, mixture.token),
             logprobs=torch.where(row, discrete.logprobs, mixture.logprobs),
             entropy=mixture.entropy,
             embeds=torch.where(row, discrete.embeds, mixture.embeds),
             token_slot=torch.where(use_discrete, discrete.token_slot, mixture.token_slot),
+            rest_logprob=rest,
         )

@@ -80,6 +80,11 @@ def _as_id_list(value) -> list[int]:
     return [int(v) for v in value]
 
 
+def _maybe(fn, value):
+    """`fn(value)`, or None for None."""
+    return None if value is None else fn(value)
+
+
 class RolloutEngine:
     """Generates G trajectories per prompt with a shared, preallocated KV cache.
 
@@ -535,7 +540,7 @@ class RolloutEngine:
         return Trajectories(
             prompt_ids=plan.row_prompts(),
             ids=ids,
-            weights=rows_first(record.weights),
+            weight_logits=rows_first(record.weight_logits),
             mask=rows_first(record.mask),
             logprobs=rows_first(record.logprobs),
             token_slot=rows_first(record.token_slot),
@@ -545,6 +550,7 @@ class RolloutEngine:
             group=torch.arange(n_rows, device=self.device) // plan.group_size,
             noise_seed=plan.noise_seed,
             entropy=rows_first(record.entropy),
-            logits=rows_first(record.logits) if record.logits is not None else None,
+            rest_logprob=_maybe(rows_first, record.rest_logprob),
+            logits=_maybe(rows_first, record.logits),
             stats=stats,
         )

@@ -10,12 +10,17 @@ rollout, `ref_logp [B,T]` those of a frozen reference; `mask [B,T]` marks real p
     obj = min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A)
     kl  = exp(ref − logp) − (ref − logp) − 1            (k3 estimator, ≥ 0)
     per-position loss = −obj + β kl
+With per-slot clipping (Multiplex Thinking's loss, for likelihoods that are a sum of slot
+terms `logp = Σ_s logp_s`), `obj = Σ_s min(ρ_s A, clip(ρ_s) A)` over the valid slots, each
+slot with its own ratio `ρ_s = exp(logp_s − old_logp_s)`; the KL stays on the joint `logp`.
     `grpo`    mean over each sequence's positions, then over sequences
     `dapo`    mean over all positions of the batch
     `dr_grpo` sum over all positions / (B · max_len)
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -86,6 +91,28 @@ def clipped_surrogate(
     return objective, ratio, clipped
 
 
+class SlotTerms(NamedTuple):
+    """Per-slot log-likelihood terms for per-slot clipping: `logp`, `old_logp` `[B,T,S]`
+    (current and rollout policy) and `mask [B,T,S]` (the slots that carry a term)."""
+
+    logp: torch.Tensor
+    old_logp: torch.Tensor
+    mask: torch.Tensor
+
+
+def slot_surrogate(
+    slots: SlotTerms, advantages: torch.Tensor, *, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(objective [B,T], ratio [B,T,S], clipped [B,T,S])`: the clipped surrogate of each
+    slot's own ratio, summed over the valid slots of a position."""
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    objective, ratio, clipped = clipped_surrogate(
+        slots.logp, slots.old_logp, adv.unsqueeze(-1), eps_low=eps_low, eps_high=eps_high
+    )
+    objective = torch.where(slots.mask, objective, torch.zeros_like(objective)).sum(-1)
+    return objective, ratio, clipped
+
+
 def aggregate(
     per_position: torch.Tensor, mask: torch.Tensor, mode: str, *, max_len: int | None = None
 ) -> torch.Tensor:
@@ -126,6 +153,7 @@ def grpo_loss(
     ref_logp: torch.Tensor | None = None,
     aggregation: str = "grpo",
     max_len: int | None = None,
+    slots: SlotTerms | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss (to minimise) and detached metrics.
 
@@ -136,6 +164,8 @@ def grpo_loss(
         eps_low, eps_high: clip range `[1 − ε_low, 1 + ε_high]` (`float("inf")` disables).
         beta: weight of the k3 KL to `ref_logp` (`[B,T]`, required when beta > 0).
         aggregation: `"grpo"`, `"dapo"` or `"dr_grpo"` (`max_len` its normaliser).
+        slots: per-slot terms (`SlotTerms`, `[B,T,S]`) to clip each slot's ratio on its own
+            (their sum over valid slots is `logp`); ratio metrics are then per slot.
 
     Returns:
         `(loss, metrics)`; metrics hold 0-dim detached tensors: `objective`, `ratio_mean`,
@@ -152,14 +182,21 @@ def grpo_loss(
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp from the reference model")
-    objective, ratio, clipped = clipped_surrogate(
-        logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high
-    )
+    if slots is None:
+        objective, ratio, clipped = clipped_surrogate(
+            logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high
+        )
+        counted = mask
+    else:
+        objective, ratio, clipped = slot_surrogate(
+            slots, advantages, eps_low=eps_low, eps_high=eps_high
+        )
+        counted = slots.mask & mask.unsqueeze(-1)
     per_position = -objective
     metrics = {
         "objective": masked_mean(objective.detach(), mask),
-        "ratio_mean": masked_mean(ratio.detach(), mask),
-        "clip_fraction": masked_mean(clipped.to(logp.dtype), mask),
+        "ratio_mean": masked_mean(ratio.detach(), counted),
+        "clip_fraction": masked_mean(clipped.to(logp.dtype), counted),
     }
     if ref_logp is not None:
         kl = k3_kl(logp, ref_logp)

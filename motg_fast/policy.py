@@ -1,15 +1,20 @@
 """Training forward: per-position log-likelihoods of stored trajectories under a policy.
 
 A trajectory is a prompt (token ids) and T completion actions, each in one representation
-(see `kernels/likelihood.py`): `ids [k]`, `weights [k]`, `mask [k]`, the slot of the
-representative token, and a phase (thinking mixture or discrete answer).
+(see `kernels/likelihood.py`): `ids [k]`, weight logits `[k]` (the weights are their
+softmax over the valid slots), `mask [k]`, the slot of the representative token, and a
+phase (thinking mixture or discrete answer).
 
 The training sequence of trajectory n is its prompt followed by the inputs its actions fed
 back: `[prompt_0 … prompt_{P−1}, a_0 … a_{T−2}]`, every element an (ids, weights) pair
 (a prompt token is `ids = [t, …]`, `w = [1, 0, …]`). Inputs are rebuilt with
 `mixture_embed` from the *current* embedding, so gradients reach it exactly as for a
-discrete lookup. The hidden state before action t (the last prompt position for t = 0)
-scores it: `mixture_logprobs` gives `log p'` at the action's k ids without ever
+discrete lookup. Gaussian soft tokens are the exception: their action is the input vector
+`x` itself, so at thinking positions the sequence feeds exactly the `x` the rollout fed
+(rebuilt from the embedding rows frozen at rollout time, `FrozenEmbedding`), also after
+updates (μ > 1), and no gradient flows through it. The hidden state before action t (the
+last prompt position for t = 0) scores it: `mixture_logprobs` gives `log p'` at the
+action's k ids (and, where the likelihood needs it, the log-mass outside them) without ever
 materialising `[N, T, V]` logits; `action_logprob` turns those into the chosen likelihood.
 
 Batch layout: prompts are left padded to the longest prompt P, completions right padded to
@@ -59,14 +64,15 @@ def build_sequence_batch(traj: Trajectories) -> SequenceBatch:
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     prompt_slots = torch.zeros(n, prompt_len, k, dtype=torch.long, device=device)
     prompt_slots[..., 0] = prompt_ids
-    prompt_weights = torch.zeros(n, prompt_len, k, dtype=traj.weights.dtype, device=device)
-    prompt_weights[..., 0] = prompt_mask.to(traj.weights.dtype)
+    weights = traj.weights
+    prompt_weights = torch.zeros(n, prompt_len, k, dtype=weights.dtype, device=device)
+    prompt_weights[..., 0] = prompt_mask.to(weights.dtype)
     fed_back = traj.completion_mask[:, 1:].long()  # a_t is fed only if a_{t+1} exists
     attention_mask = torch.cat([prompt_mask, fed_back], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return SequenceBatch(
         input_ids=torch.cat([prompt_slots, traj.ids[:, : t - 1]], dim=1),
-        input_weights=torch.cat([prompt_weights, traj.weights[:, : t - 1]], dim=1),
+        input_weights=torch.cat([prompt_weights, weights[:, : t - 1]], dim=1),
         attention_mask=attention_mask,
         position_ids=position_ids,
         prompt_length=prompt_len,
@@ -100,6 +106,7 @@ class PolicyScores:
     """Per-position outputs of `score_trajectories` for a batch of N trajectories."""
 
     logprobs: torch.Tensor  # [N,T,k] log p' at the action ids (differentiable)
+    rest_logprob: torch.Tensor | None  # [N,T] log p' mass outside the ids (spec.needs_rest)
     action_logprob: torch.Tensor  # [N,T] log-likelihood of each action (differentiable)
     embed_norm: torch.Tensor  # [N,T] norm of the fed-back input embedding (detached)
     hidden: torch.Tensor  # [N,T,H] final hidden states scoring the actions (differentiable)
@@ -140,6 +147,14 @@ def input_noise(traj: Trajectories, spec: MixtureSpec, hidden: int) -> torch.Ten
     return spec.noise_std * noise * (traj.phase == Phase.MIXTURE).unsqueeze(-1)
 
 
+def rollout_inputs(traj: Trajectories, spec: MixtureSpec, frozen: FrozenEmbedding) -> torch.Tensor:
+    """`x [N,T,H]` (float32, no grad): the inputs the rollout fed at thinking positions of a
+    Gaussian soft-token run, `Σ_j w_j E_old[S_j] + σ ε` from the `frozen` rows."""
+    with torch.no_grad():
+        mixed = frozen.mix(traj.ids, traj.weights).float()
+        return mixed + input_noise(traj, spec, frozen.rows.shape[1])
+
+
 def gaussian_loglik(
     logprobs: torch.Tensor,
     traj: Trajectories,
@@ -156,8 +171,7 @@ def gaussian_loglik(
     mask[..., 0] = True  # keep every row normalisable; non-thinking rows are dropped below
     p_tilde = renormalised_logprobs(logprobs, mask).exp().masked_fill(~mask, 0.0)
     mean = mixture_embed(embedding, traj.ids, p_tilde)
-    with torch.no_grad():
-        x = frozen.mix(traj.ids, traj.weights) + input_noise(traj, spec, embedding.shape[1])
+    x = rollout_inputs(traj, spec, frozen)
     ell = gaussian_log_density(x, mean, spec.noise_std)
     return torch.where(thinking, ell, torch.zeros_like(ell))
 
@@ -168,12 +182,14 @@ def action_loglik(
     spec: MixtureSpec,
     *,
     likelihood: str,
+    rest_logprob: torch.Tensor | None = None,
     embedding: torch.Tensor | None = None,
     frozen: FrozenEmbedding | None = None,
 ) -> torch.Tensor:
     """`[N,T]` likelihood of each action from log-probs `[N,T,k]` at its ids.
 
-    Thinking (mixture) positions use `likelihood` under `spec`; discrete positions, forced
+    Thinking (mixture) positions use `likelihood` under `spec` (with `rest_logprob [N,T]`,
+    the log-mass outside the ids, where `spec.needs_rest`); discrete positions, forced
     tokens and padding use the log-prob of the representative token (a discrete sample's
     exact likelihood). Gaussian soft tokens (`spec.noise_std > 0`) add, for `exact`, the
     Gaussian term (`gaussian_loglik`), which needs the input `embedding [V,H]` and the
@@ -189,13 +205,17 @@ def action_loglik(
     first_slot = torch.zeros_like(traj.mask)
     first_slot[..., 0] = True
     safe_lp = torch.where(is_mixture | first_slot, logprobs, float("-inf"))
+    rest = None
+    if rest_logprob is not None and likelihood == "exact" and spec.needs_rest:
+        rest = torch.where(thinking, rest_logprob, torch.zeros_like(rest_logprob))
     mixture_lp = action_logprob(
         safe_lp,
-        traj.weights.to(logprobs.dtype),
         (traj.mask & is_mixture) | first_slot,  # padding too: slot 0, replaced below
         torch.where(thinking, traj.token_slot, 0),
         spec,
         likelihood=likelihood,
+        weight_logits=traj.weight_logits,
+        rest_logprob=rest,
     )
     if likelihood == "exact" and spec.noise_std > 0:
         if embedding is None:
@@ -203,6 +223,18 @@ def action_loglik(
         frozen = frozen or FrozenEmbedding.of(embedding, traj.ids)
         mixture_lp = mixture_lp + gaussian_loglik(logprobs, traj, spec, embedding, frozen)
     return torch.where(thinking, mixture_lp, token_lp)
+
+
+def slot_loglik(logprobs: torch.Tensor, traj: Trajectories) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(terms [N,T,k], mask [N,T,k])`: per-slot log-likelihood terms, for per-slot ratio
+    clipping (Multiplex Thinking's loss). At thinking positions each drawn slot's
+    `log p'(S_j)` (the exact likelihood of `iid` draws with fixed weights and token is their
+    sum); elsewhere slot 0's, the token's. Terms are 0 where the mask is False."""
+    thinking = (traj.phase == Phase.MIXTURE).unsqueeze(-1)
+    first = torch.zeros_like(traj.mask)
+    first[..., 0] = True
+    mask = torch.where(thinking, torch.isfinite(logprobs), first)
+    return torch.where(mask, logprobs, torch.zeros_like(logprobs)), mask
 
 
 def distinct_prompts(prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -313,10 +345,12 @@ def score_trajectories(
     )
     t = traj.ids.shape[1]
     start = batch.prompt_length - 1
-    if spec.noise_std > 0:  # the rollout's noisy inputs, at the fed-back positions
-        noise = input_noise(traj, spec, inputs.shape[-1])[:, : t - 1]
-        noisy = (inputs[:, start + 1 :].float() + noise).to(inputs.dtype)  # as the rollout
-        inputs = torch.cat([inputs[:, : start + 1], noisy], dim=1)
+    if spec.noise_std > 0:  # thinking positions feed the rollout's own x (see the docstring)
+        frozen = frozen or FrozenEmbedding.of(embedding, traj.ids)
+        fed = rollout_inputs(traj, spec, frozen)[:, : t - 1].to(inputs.dtype)
+        thinking = (traj.phase[:, : t - 1] == Phase.MIXTURE).unsqueeze(-1)
+        fed = torch.where(thinking, fed, inputs[:, start + 1 :])
+        inputs = torch.cat([inputs[:, : start + 1], fed], dim=1)
     shared = distinct_prompts(traj.prompt_ids) if share_prompt else None
     if shared is not None and can_share_prompt(model):
         hidden = shared_prompt_forward(decoder, inputs, batch, shared)
@@ -327,10 +361,26 @@ def score_trajectories(
             position_ids=batch.position_ids,
             use_cache=False,
         ).last_hidden_state[:, start:]
-    logprobs, _ = mixture_logprobs(hidden, head_weight, traj.ids, temperature=spec.temperature)
+    need_rest = likelihood == "exact" and spec.needs_rest
+    logprobs, _, *rest = mixture_logprobs(
+        hidden, head_weight, traj.ids, temperature=spec.temperature, return_rest=need_rest
+    )
+    rest = rest[0] if rest else None
     ell = action_loglik(
-        logprobs, traj, spec, likelihood=likelihood, embedding=embedding, frozen=frozen
+        logprobs,
+        traj,
+        spec,
+        likelihood=likelihood,
+        rest_logprob=rest,
+        embedding=embedding,
+        frozen=frozen,
     )
     fed = inputs[:, start + 1 : start + t].detach().float().norm(dim=-1)
     embed_norm = torch.nn.functional.pad(fed, (0, 1))
-    return PolicyScores(logprobs=logprobs, action_logprob=ell, embed_norm=embed_norm, hidden=hidden)
+    return PolicyScores(
+        logprobs=logprobs,
+        rest_logprob=rest,
+        action_logprob=ell,
+        embed_norm=embed_norm,
+        hidden=hidden,
+    )

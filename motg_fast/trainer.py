@@ -47,7 +47,7 @@ from .checkpoint import (
 from .distributed import full_parameters, full_state_dict, plain
 from .engine import RolloutEngine
 from .evaluate import format_gain_table, heldout_gain, write_result
-from .grpo import group_advantages, grpo_loss, masked_mean
+from .grpo import SlotTerms, group_advantages, grpo_loss, masked_mean
 from .metrics import (
     MetricsLog,
     StallGuard,
@@ -55,7 +55,7 @@ from .metrics import (
     signal_statistics,
     token_statistics,
 )
-from .policy import FrozenEmbedding, action_loglik, score_trajectories
+from .policy import FrozenEmbedding, action_loglik, score_trajectories, slot_loglik
 from .prompting import THINK_END, build_prompts
 from .rewards import RewardWeights, score_items
 from .seeding import derived_seed
@@ -86,7 +86,8 @@ class PolicyScorer(torch.nn.Module):
             deterministic=config.deterministic,
             share_prompt=config.share_prompt,
         )
-        return scores.action_logprob, scores.embed_norm
+        slots = slot_loglik(scores.logprobs, traj) if config.clip_per_slot else None
+        return scores.action_logprob, scores.embed_norm, slots
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
@@ -433,7 +434,7 @@ class Trainer:
         with full_parameters(self.scorer):
             if c.spec.noise_std > 0:  # the actions' inputs, before any update moves E
                 frozen = FrozenEmbedding.of(self.model.get_input_embeddings().weight, traj.ids)
-            old = self._old_logprobs(traj, chunks, frozen)
+            old, old_slots = self._old_logprobs(traj, chunks, frozen)
         ref = self._ref_logprobs(traj, chunks, frozen) if self.ref_model is not None else None
         sums: dict[str, torch.Tensor] = {}  # device tensors: one host sync at the end
         grad_norm = 0.0
@@ -443,8 +444,10 @@ class Trainer:
                 ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.scorer)
                 with ctx, self.accelerator.autocast():
                     mb = traj.select(rows)
-                    ell, embed_norm = self.scorer(mb, c, frozen)
+                    ell, embed_norm, slots = self.scorer(mb, c, frozen)
                     t = ell.shape[1]
+                    if slots is not None:  # each slot's own ratio (clip_per_slot)
+                        slots = SlotTerms(slots[0].float(), old_slots[i][:, :t], slots[1])
                     loss, m = grpo_loss(
                         ell.float(),
                         old[i][:, :t],
@@ -456,6 +459,7 @@ class Trainer:
                         ref_logp=None if ref is None else ref[i][:, :t],
                         aggregation=c.aggregation,
                         max_len=c.max_new_tokens,
+                        slots=slots,
                     )
                     self.accelerator.backward(loss * self._loss_scale(mb, n_global, tokens_global))
                 thinking = mb.phase == Phase.MIXTURE
@@ -484,43 +488,54 @@ class Trainer:
             return False
         return c.old_logprobs == "rollout" or self.accelerator.mixed_precision == "no"
 
-    def _old_logprobs(self, traj: Trajectories, chunks, frozen) -> list[torch.Tensor]:
-        """Per micro-batch `[n,T]`: from the rollout or a no-grad forward (`old_from_rollout`)."""
+    def _old_logprobs(self, traj: Trajectories, chunks, frozen) -> tuple[list, list]:
+        """Per micro-batch `[n,T]` log-likelihoods, and their per-slot terms `[n,T,k]` with
+        `clip_per_slot` (else None): from the rollout or a no-grad forward
+        (`old_from_rollout`)."""
         c = self.config
-        if self.old_from_rollout():
-            embedding = self.model.get_input_embeddings().weight.detach()
-            return [
+        if not self.old_from_rollout():
+            return self._policy_logprobs(self.model, traj, chunks, frozen, slots=True)
+        embedding = self.model.get_input_embeddings().weight.detach()
+        old, old_slots = [], []
+        for mb in (traj.select(rows) for rows in chunks):
+            old.append(
                 action_loglik(
                     mb.logprobs,
                     mb,
                     c.spec,
                     likelihood=c.likelihood,
+                    rest_logprob=mb.rest_logprob,
                     embedding=embedding,
                     frozen=frozen,
                 ).float()
-                for mb in (traj.select(rows) for rows in chunks)
-            ]
-        return self._policy_logprobs(self.model, traj, chunks, frozen)
+            )
+            old_slots.append(slot_loglik(mb.logprobs, mb)[0] if c.clip_per_slot else None)
+        return old, old_slots
 
     @torch.no_grad()
     def _ref_logprobs(self, traj: Trajectories, chunks, frozen) -> list[torch.Tensor]:
-        return self._policy_logprobs(self.ref_model, traj, chunks, frozen)
+        return self._policy_logprobs(self.ref_model, traj, chunks, frozen)[0]
 
-    def _policy_logprobs(self, model, traj: Trajectories, chunks, frozen) -> list[torch.Tensor]:
-        """Per micro-batch `[n,T]` action log-likelihoods under `model`, without grad."""
+    def _policy_logprobs(self, model, traj, chunks, frozen, slots: bool = False):
+        """Per micro-batch `[n,T]` action log-likelihoods under `model`, without grad, and
+        (with `slots` and `clip_per_slot`) their per-slot terms `[n,T,k]`, else Nones."""
         c = self.config
+        out, out_slots = [], []
         with torch.no_grad(), self.accelerator.autocast():
-            return [
-                score_trajectories(
+            for rows in chunks:
+                mb = traj.select(rows)
+                scores = score_trajectories(
                     model,
-                    traj.select(rows),
+                    mb,
                     c.spec,
                     likelihood=c.likelihood,
                     frozen=frozen,
                     share_prompt=c.share_prompt,
-                ).action_logprob.float()
-                for rows in chunks
-            ]
+                )
+                out.append(scores.action_logprob.float())
+                per_slot = slots and c.clip_per_slot
+                out_slots.append(slot_loglik(scores.logprobs, mb)[0].float() if per_slot else None)
+        return out, out_slots
 
     def train_step(self, step: int) -> dict[str, float]:
         """One GRPO step (rollout + optimisation); returns its metrics (averaged over ranks)."""

@@ -4,9 +4,12 @@ The rollout engine returns `Trajectories`; rewards are attached to them; the tra
 forward and the loss read them. One container from generation to the optimizer step.
 
 Every completion position holds one action in one representation (see
-`kernels/likelihood.py`): ids, weights and validity `[k]` (a mixture, or a discrete token as
-`[y, y, …]`, `[1, 0, …]`, `[True, False, …]`), the slot of the representative token, and
-the rollout's log-probs at the ids. Positions past a row's end are zero, `Phase.PAD`.
+`kernels/likelihood.py`): ids, weight logits and validity `[k]` (a mixture, or a discrete
+token as ids `[y, y, …]`, validity `[True, False, …]`: weights `[1, 0, …]`), the slot of
+the representative token, and the rollout's log-probs at the ids (plus, for `sample` with
+k ≥ 2, its log-mass outside the ids). The weights are `softmax(ω)` over the valid slots:
+ω keeps the logarithm of weights too small for float32, which the exact likelihoods read.
+Positions past a row's end are zero, `Phase.PAD`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .kernels import weights_from_logits
 
 
 class Phase(enum.IntEnum):
@@ -71,12 +76,13 @@ class Trajectories:
 
     prompt_ids: list[list[int]] = _per_row()  # N prompts (trajectory n: prompt n // G)
     ids: torch.Tensor = _per_time()  # [N,T,k] int64 candidate ids
-    weights: torch.Tensor = _per_time()  # [N,T,k] float32 mixture weights
+    weight_logits: torch.Tensor = _per_time()  # [N,T,k] float32 ω: w = softmax(ω) over valid
     mask: torch.Tensor = _per_time()  # [N,T,k] bool slot validity
     token_slot: torch.Tensor = _per_time()  # [N,T] int64 slot of the representative token
     phase: torch.Tensor = _per_time()  # [N,T] int8 `Phase`
     logprobs: torch.Tensor = _per_time()  # [N,T,k] float32 rollout log p(ids) at τ
     entropy: torch.Tensor | None = _per_time(default=None)  # [N,T] entropy of p per step
+    rest_logprob: torch.Tensor | None = _per_time(default=None)  # [N,T] log-mass outside ids
     logits: torch.Tensor | None = _per_time(default=None)  # [N,T,V] raw logits (on request)
     texts: list[str] = _per_row(default_factory=list)  # decoded tokens, final EOS left out
     stop_reasons: list[str] = _per_row(default_factory=list)  # "eos" | "length"
@@ -93,6 +99,11 @@ class Trajectories:
     def completion_mask(self) -> torch.Tensor:
         """`[N,T]` bool: real completion positions."""
         return self.phase != Phase.PAD
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """`[N,T,k]` float32 mixture weights, `softmax(ω)` over the valid slots (0 elsewhere)."""
+        return weights_from_logits(self.weight_logits, self.mask)
 
     @property
     def loss_mask(self) -> torch.Tensor:

@@ -9,18 +9,27 @@ task), the per-step metrics and every parameter after training.
 Discrete outputs (ids, masks, slots, phases, lengths, texts, integer metrics) must be equal.
 Float outputs are compared within `FLOAT_TOLERANCE`: CPUs differ in the last bits of
 float32 results (AVX2 vs AVX-512 reductions, fused multiply-adds, thread counts), by up to
-a few 1e-6 on these values, while any change of the math moves them by far more. Trained
-weights are compared by their update from the initial weights, within `UPDATE_TOLERANCE`
-of its norm per tensor: Adam's normalised steps turn last-bit gradient differences on
-near-zero gradients into differences of the order of the learning rate on a few entries.
+a few 1e-6 on these values, while any change of the math moves them by far more. Training
+metrics are compared within `METRIC_TOLERANCE` and trained weights by their update from the
+initial weights, entry by entry within `UPDATE_TOLERANCE` of its RMS, all but
+`UPDATE_OUTLIERS` of each tensor's entries (at least one may differ): two steps of training
+amplify last-bit differences, and Adam's normalised steps turn them, on a gradient near
+zero, into an update of either sign (seen: one entry of a 64 × 64 matrix between 1 and 2
+threads). The setups avoid the
+discontinuities that would amplify them further (a ratio at the clip boundary).
 
 History: first recorded from commit e695b3e, before the `MixtureSpec` API; the refactor
 reproduced it bit for bit. Re-recorded (`python tests/test_golden.py --record`) when every
 path started to multiply logits by the float32 reciprocal of τ instead of dividing on the
 CPU: the specs with τ ≠ 1 moved by float rounding, the others did not. The training part was
 re-recorded with the weights themselves in place of SHA-256 digests (a digest of float
-weights cannot match across CPUs). Re-record only for a deliberate numerical change, and say
-which in the commit.
+weights cannot match across CPUs), then when the exact Dirichlet likelihood stopped clamping
+underflowed weights (weights stored as log-space weight logits): only the Dirichlet setup
+moved, and its learning rate and clip range changed so that two steps stay far from the
+k3 KL's exponential blow-up and the clip boundary. The rollouts and kernel steps are the
+first recording's, within `FLOAT_TOLERANCE` (their weights are now `softmax(ω)`). Re-record
+only for a deliberate numerical change, and say which in the commit
+(`python tests/test_golden.py --record training` re-records one part).
 """
 
 import sys
@@ -55,15 +64,28 @@ SPECS = [
 ROLLOUT_FIELDS = ("ids", "weights", "mask", "logprobs", "token", "token_slot", "phase", "entropy")
 STEP_FIELDS = ("ids", "weights", "mask", "token", "logprobs", "logsumexp", "entropy", "embeds")
 TRAINING = {
+    # lr 3e-4: at 3e-3 one update moves a small Dirichlet weight's log-density by ~40 nats
+    # and the k3 KL's exp(ref − ℓ) reaches 1e13, amplifying last-bit differences; a wide
+    # clip range: a ratio at the clip boundary flips with last-bit differences between CPUs
     "dirichlet_mu2_kl": dict(
-        k=2, selection="topk", weighting="dirichlet", likelihood="exact", mu=2, beta=0.05
+        k=2,
+        selection="topk",
+        weighting="dirichlet",
+        likelihood="exact",
+        mu=2,
+        beta=0.05,
+        lr=3e-4,
+        eps_low=0.9,
+        eps_high=10.0,
     ),
     "sample_gumbel": dict(k=2, selection="sample", weighting="gumbel", likelihood="exact"),
     "discrete": dict(k=1, selection="sample", likelihood="token"),
 }
 TIMING = ("rollout_time", "train_time", "generated_tokens_per_s")
 FLOAT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
-UPDATE_TOLERANCE = 1e-2  # of the norm of a tensor's training update
+METRIC_TOLERANCE = dict(rtol=1e-3, atol=1e-5)  # training metrics
+UPDATE_TOLERANCE = 0.05  # of the RMS of a tensor's training update, per entry
+UPDATE_OUTLIERS = 0.01  # share of a tensor's entries (at least one) allowed past it
 
 
 def rollout(index: int) -> dict:
@@ -98,7 +120,6 @@ def training(case: str, run_dir: Path) -> dict:
         prompts_per_step=2,
         grad_accum=2,
         steps=2,
-        lr=3e-3,
         max_new_tokens=8,
         max_prompt_tokens=64,
         save_every=0,
@@ -108,7 +129,7 @@ def training(case: str, run_dir: Path) -> dict:
         system_prompt="Answer.",
         final_eval="none",
         share_prompt=False,  # recorded with the full forward; test_policy compares the two
-        **TRAINING[case],
+        **{"lr": 3e-3, **TRAINING[case]},
     )
     model = tiny_qwen2(seed=0).train()
     trainer = Trainer(
@@ -135,27 +156,29 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
     """Per-step metrics: the golden's keys (newer metrics are new keys), integers equal,
-    floats within `FLOAT_TOLERANCE`."""
+    floats within `METRIC_TOLERANCE`."""
     assert len(got) == len(want)
     for step, (record, old) in enumerate(zip(got, want)):
         for key, value in old.items():
             if isinstance(value, float):
                 assert record[key] == pytest.approx(
-                    value, rel=FLOAT_TOLERANCE["rtol"], abs=FLOAT_TOLERANCE["atol"]
+                    value, rel=METRIC_TOLERANCE["rtol"], abs=METRIC_TOLERANCE["atol"]
                 ), f"step {step} {key}"
             else:
                 assert record[key] == value, f"step {step} {key}"
 
 
 def _assert_same_training(got: dict, want: dict, initial: dict) -> None:
-    """Each parameter's training update equals the golden's within `UPDATE_TOLERANCE` of
-    its norm (and untouched parameters stay exactly as they were)."""
+    """Each parameter's training update equals the golden's entry by entry within
+    `UPDATE_TOLERANCE` of the update's RMS, but for at most `UPDATE_OUTLIERS` of the entries
+    (Adam moves an entry whose gradient is near zero by ±lr, its sign set by last bits)."""
     assert got.keys() == want.keys()
     for name, start in initial.items():
         update, want_update = got[name] - start, want[name] - start
-        scale = float(want_update.norm())
-        error = float((update - want_update).norm())
-        assert error <= UPDATE_TOLERANCE * scale + 1e-7, f"{name}: {error:.3g} vs {scale:.3g}"
+        scale = float(want_update.pow(2).mean().sqrt())
+        off = int(((update - want_update).abs() > UPDATE_TOLERANCE * scale + 1e-9).sum())
+        allowed = max(1, int(UPDATE_OUTLIERS * update.numel()))
+        assert off <= allowed, f"{name}: {off} of {update.numel()} entries differ"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from motg_fast.types import Phase
 from tiny_models import tiny_qwen2, tiny_tokenizer
 from toy_task import ToyTasks, letter_reward
 
-MULTIPLEX = MixtureSpec(k=3, selection="iid", weighting="uniform")
+MULTIPLEX = MixtureSpec(k=3, selection="iid", weighting="uniform")  # a token drawn from w
 MOI = MixtureSpec(k=3, selection="sample_topk", weighting="blend", representative="first")
 
 
@@ -45,30 +45,43 @@ def test_one_draw_is_ordinary_sampling(selection):
         assert torch.equal(step.weights, torch.ones(64, 1))
 
 
-def test_blend_with_beta_to_zero_feeds_back_the_sampled_token():
+def test_blend_with_a_large_beta_feeds_back_the_sampled_token():
+    # Mixture of Inputs: β weighs the observed token; β → ∞ leaves e_y alone
     logits = torch.randn(32, 40, generator=torch.Generator().manual_seed(2))
     embedding = torch.randn(40, 8, generator=torch.Generator().manual_seed(3))
     plain = _step(MixtureSpec(k=1, selection="sample"), logits, seed=5, embedding=embedding)
-    spec = MOI.replace(blend_beta=1e-12)
+    spec = MOI.replace(blend_beta=1e12)
     step = _step(spec, logits, seed=5, embedding=embedding)
     assert torch.equal(step.token, plain.token) and torch.equal(step.token_slot, torch.zeros(32))
     assert torch.equal(step.ids[:, 0], plain.token)
-    assert torch.equal(step.weights[:, 0], torch.ones(32))
-    torch.testing.assert_close(step.embeds, plain.embeds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(step.weights[:, 0], torch.ones(32), atol=1e-6, rtol=0)
+    torch.testing.assert_close(step.embeds, plain.embeds, atol=1e-5, rtol=0)
 
 
-def test_blend_weights_are_the_posterior_mean():
-    logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(4))
-    step = _step(MOI.replace(blend_beta=2.0), logits)
-    p_tilde = step.logprobs.exp() / step.logprobs.exp().sum(-1, keepdim=True)
-    onehot = torch.zeros_like(p_tilde)
+def _moi_blend(q: torch.Tensor, beta: float) -> torch.Tensor:
+    """The authors' formula (mixinputs gpu_model_runner.py): w = H_n (q + β e_y)/(1+β) +
+    (1 − H_n) e_y, H_n the entropy of q over log n, y in slot 0."""
+    entropy = -(q * q.log()).sum(-1, keepdim=True)
+    h_n = entropy / math.log(q.shape[-1])
+    onehot = torch.zeros_like(q)
     onehot[:, 0] = 1
-    torch.testing.assert_close(step.weights, (2.0 * p_tilde + onehot) / 3.0)
+    return h_n * (q + beta * onehot) / (1 + beta) + (1 - h_n) * onehot
+
+
+@pytest.mark.parametrize("prior_temperature", [None, 1.0])
+def test_blend_weights_are_mixture_of_inputs_entropy_weighted_posterior(prior_temperature):
+    logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(4)) * 2
+    spec = MOI.replace(blend_beta=2.0, temperature=0.6, blend_temperature=prior_temperature)
+    step = _step(spec, logits)
+    tau_prior = 0.6 if prior_temperature is None else prior_temperature
+    q = torch.softmax(logits.gather(-1, step.ids) / tau_prior, -1)  # prior over the k slots
+    torch.testing.assert_close(step.weights, _moi_blend(q, 2.0), atol=1e-6, rtol=1e-5)
     # slot 0 is the draw, the others the top-2 of the remaining logits
     for row in range(8):
         others = logits[row].clone()
         others[step.ids[row, 0]] = -math.inf
         assert step.ids[row, 1:].tolist() == others.topk(2).indices.tolist()
+    assert torch.allclose(step.weights.sum(-1), torch.ones(8))
 
 
 def test_gaussian_noise_off_is_soft_thinking_and_on_moves_only_thinking_inputs():
@@ -94,10 +107,10 @@ def test_iid_likelihood_is_normalised_and_matches_the_multinomial():
     seqs = _tuples(vocab, k)  # every ordered draw
     logprobs = logp[seqs].double()
     mask = torch.ones_like(seqs, dtype=torch.bool)
-    weights = torch.full(seqs.shape, 1.0 / k, dtype=torch.float64)
+    omega = torch.zeros(seqs.shape, dtype=torch.float64)  # uniform weights
     slot = torch.zeros(len(seqs), dtype=torch.long)
     first = MULTIPLEX.replace(representative="first")
-    ell = action_logprob(logprobs, weights, mask, slot, first, likelihood="exact")
+    ell = action_logprob(logprobs, mask, slot, first, likelihood="exact", weight_logits=omega)
     assert ell.exp().sum().item() == pytest.approx(1.0, abs=1e-12)
     counts = torch.nn.functional.one_hot(seqs, vocab).sum(1).double()
     multinomial = torch.distributions.Multinomial(k, probs=logp.exp().double())
@@ -108,8 +121,8 @@ def test_iid_likelihood_is_normalised_and_matches_the_multinomial():
         )
     # with a sampled token, the slot is part of the action: Σ over S and slots is 1
     total = sum(
-        action_logprob(logprobs, weights, mask, torch.full_like(slot, j), MULTIPLEX,
-                       likelihood="exact").exp().sum().item()
+        action_logprob(logprobs, mask, torch.full_like(slot, j), MULTIPLEX,
+                       likelihood="exact", weight_logits=omega).exp().sum().item()
         for j in range(k)
     )  # fmt: skip
     assert total == pytest.approx(1.0, abs=1e-12)
@@ -123,9 +136,9 @@ def test_sample_topk_likelihood_is_the_drawn_token():
         rest = [v for v in logp.argsort(descending=True).tolist() if v != y][:2]
         ids = torch.tensor([[y, *rest]])
         ell = action_logprob(
-            logp[ids].double(), torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64),
-            torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, dtype=torch.long), MOI,
-            likelihood="exact",
+            logp[ids].double(), torch.ones(1, 3, dtype=torch.bool),
+            torch.zeros(1, dtype=torch.long), MOI, likelihood="exact",
+            weight_logits=torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64).log(),
         )  # fmt: skip
         assert ell.item() == pytest.approx(logp[y].item(), abs=1e-12)
         total += ell.exp().item()
@@ -148,13 +161,13 @@ def test_gaussian_density_agrees_with_torch_distributions():
 def test_exact_likelihood_gradients_in_float64(spec):
     g = torch.Generator().manual_seed(8)
     logprobs = torch.randn(5, 3, generator=g, dtype=torch.float64).log_softmax(-1) - 1.0
-    weights = torch.softmax(torch.randn(5, 3, generator=g, dtype=torch.float64), -1)
+    omega = torch.randn(5, 3, generator=g, dtype=torch.float64)
     mask = torch.ones(5, 3, dtype=torch.bool)
     slot = torch.zeros(5, dtype=torch.long)
     logprobs.requires_grad_(True)
 
     def ell(lp):
-        return action_logprob(lp, weights, mask, slot, spec, likelihood="exact")
+        return action_logprob(lp, mask, slot, spec, likelihood="exact", weight_logits=omega)
 
     assert torch.autograd.gradcheck(ell, (logprobs,))
     mean = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
@@ -257,6 +270,53 @@ def test_the_action_stays_fixed_when_the_embedding_moves():
     thinking = traj.phase == Phase.MIXTURE
     assert not torch.allclose(moved.action_logprob[thinking], first.action_logprob[thinking])
     assert not torch.allclose(moved.action_logprob[thinking], unfrozen.action_logprob[thinking])
+
+
+def _fed_inputs(model, run) -> list[torch.Tensor]:
+    """The `inputs_embeds` of every decoder call made by `run()`."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None:  # prefill may pass token ids
+            seen.append(kwargs["inputs_embeds"].detach().clone())
+
+    handle = model.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_after_an_update_the_training_forward_feeds_the_rollouts_own_inputs(share_prompt):
+    """Soft tokens at μ > 1: every thinking position's input is the x the rollout fed."""
+    tokenizer, model = tiny_tokenizer(), tiny_qwen2()
+    spec = METHODS["soft_tokens"].spec.replace(noise_std=0.3)
+    engine = RolloutEngine(
+        model, tokenizer, max_new_tokens=6, think_end=None, eos_token_ids=[]
+    )
+    prompt = tokenizer.encode("the answer <think>")
+    holder = {}
+    decode = _fed_inputs(
+        model, lambda: holder.update(traj=engine.generate([prompt], spec, group_size=2, seed=4))
+    )
+    traj = holder["traj"]
+    fed = torch.cat([step for step in decode if step.shape[1] == 1], dim=1)  # [2, T-1, H]
+    embedding = model.get_input_embeddings().weight
+    frozen = FrozenEmbedding.of(embedding, traj.ids)
+    with torch.no_grad():
+        embedding.add_(0.05 * torch.randn_like(embedding))  # an optimizer step
+        calls = _fed_inputs(
+            model,
+            lambda: score_trajectories(
+                model, traj, spec, likelihood="exact", frozen=frozen, share_prompt=share_prompt
+            ),
+        )
+    trained = calls[-1][:, -(traj.ids.shape[1] - 1) :]  # the fed-back positions
+    thinking = traj.phase[:, : fed.shape[1]] == Phase.MIXTURE
+    assert thinking.all() and trained.shape == fed.shape
+    torch.testing.assert_close(trained, fed, atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------ Cold Stop

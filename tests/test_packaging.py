@@ -77,20 +77,20 @@ _COPY_CHECK = textwrap.dedent(
         ]
         for name in ("ids", "mask", "token", "weights", "embeds", "logprobs"):
             assert torch.equal(getattr(steps[0], name), getattr(steps[1], name)), name
-        lp, _ = mixture_logprobs(hidden, head, steps[0].ids, temperature=0.9, backend=backend)
-        want, _ = ours.mixture_logprobs(
-            hidden, head, steps[0].ids, temperature=0.9, backend=backend
-        )
-        assert torch.equal(lp, want)
+        options = dict(temperature=0.9, backend=backend, return_rest=True)
+        lp, _, rest = mixture_logprobs(hidden, head, steps[0].ids, **options)
+        want, _, want_rest = ours.mixture_logprobs(hidden, head, steps[0].ids, **options)
+        assert torch.equal(lp, want) and torch.equal(rest, want_rest)
         step = steps[0]
         got = action_logprob(
-            lp, step.weights, step.mask, step.token_slot, spec, likelihood="exact"
+            lp, step.mask, step.token_slot, spec, likelihood="exact",
+            weight_logits=step.weight_logits, rest_logprob=rest,
         )
         assert torch.equal(
             got,
             ours.action_logprob(
-                lp, step.weights, step.mask, step.token_slot, ours.MixtureSpec(**fields),
-                likelihood="exact",
+                lp, step.mask, step.token_slot, ours.MixtureSpec(**fields), likelihood="exact",
+                weight_logits=step.weight_logits, rest_logprob=rest,
             ),
         )
         assert torch.isfinite(got).all()

@@ -44,7 +44,9 @@ def _trajectories(seed=0):
     weights[2, 1] = torch.tensor([0.7, 0.3, 0.0])
     token_slot = torch.zeros(n, t, dtype=torch.long)
     token_slot[2, 2] = 1
-    return Trajectories(prompts, ids, weights, mask, token_slot, phase, torch.zeros(n, t, K))
+    return Trajectories(
+        prompts, ids, weights.log(), mask, token_slot, phase, torch.zeros(n, t, K)
+    )  # weight logits: the log-weights
 
 
 def _naive_logprobs(model, traj, temperature):
@@ -95,7 +97,7 @@ def test_discrete_trajectories_match_token_logprobs_of_transformers(model):
     traj = Trajectories(
         prompts,
         ids,
-        weights,
+        weights.log(),  # weight logits
         mask,
         torch.zeros(2, 3, dtype=torch.long),
         phase,
@@ -116,13 +118,15 @@ def test_mixture_positions_use_the_chosen_likelihood_and_backprop(model, likelih
     traj = _trajectories()
     spec = MixtureSpec(k=K, selection="sample", weighting="gumbel", gumbel_temperature=0.7)
     scores = score_trajectories(model, traj, spec, likelihood=likelihood)
+    rest = None if scores.rest_logprob is None else scores.rest_logprob.detach()
     expected = action_logprob(
         scores.logprobs.detach(),
-        traj.weights,
         traj.mask,
         traj.token_slot,
         spec,
         likelihood=likelihood,
+        weight_logits=traj.weight_logits,
+        rest_logprob=rest,
     )
     is_mix = traj.phase == Phase.MIXTURE
     assert torch.allclose(scores.action_logprob.detach()[is_mix], expected[is_mix], atol=1e-5)
@@ -207,7 +211,7 @@ def test_one_action_rows_and_gradient_checkpointing_take_the_right_path(model):
     one = traj.select(list(range(5)))
     one = Trajectories(
         one.prompt_ids,
-        *(getattr(one, f)[:, :1] for f in ("ids", "weights", "mask")),
+        *(getattr(one, f)[:, :1] for f in ("ids", "weight_logits", "mask")),
         one.token_slot[:, :1],
         one.phase[:, :1],
         one.logprobs[:, :1],

@@ -276,11 +276,11 @@ def test_a_token_in_a_masked_slot_is_an_error():
     with pytest.raises(ValueError, match="masked slot"):
         action_logprob(
             torch.log(torch.tensor([[0.6, 0.3]])),
-            torch.tensor([[1.0, 0.0]]),
             mask,
             torch.tensor([1]),
             MixtureSpec(k=2, selection="sample"),
             likelihood="exact",
+            rest_logprob=torch.log(torch.tensor([0.1])),
         )
 
 

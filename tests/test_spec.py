@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from motg_fast.kernels import (
-    LIKELIHOODS,
     SELECTIONS,
     WEIGHTINGS,
     MixtureSpec,
@@ -28,6 +27,9 @@ def _batch(rows=4, vocab=23, hidden=5, seed=0):
 
 def _assert_same_step(a, b):
     for name, x, y in zip(a._fields, a, b, strict=True):
+        if x is None or y is None:
+            assert x is None and y is None, name
+            continue
         assert x.dtype == y.dtype and torch.equal(x, y), name
 
 
@@ -99,9 +101,12 @@ def test_deprecated_keywords_on_the_triton_path():
 
 
 def _stored_action(spec, seed=0):
+    """`(args, keywords)` of `action_logprob` for one step's actions."""
     logits, embedding = _batch(rows=6, seed=seed)
     step = mixture_step(logits, embedding, spec, generator=torch.Generator().manual_seed(seed))
-    return step.logprobs.double(), step.weights, step.mask, token_slot(step.ids, step.token)
+    args = (step.logprobs.double(), step.mask, token_slot(step.ids, step.token))
+    rest = None if step.rest_logprob is None else step.rest_logprob.double()
+    return args, dict(weight_logits=step.weight_logits, rest_logprob=rest)
 
 
 @pytest.mark.parametrize(
@@ -121,11 +126,11 @@ def test_deprecated_action_logprob_keywords_warn_and_match_the_spec_form(
     if weighting == "blend" and representative == "sample":
         return  # Mixture of Inputs feeds back slot 0 (refused, tested elsewhere)
     spec = MixtureSpec(k=3, **settings)
-    action = _stored_action(spec)
+    action, stored = _stored_action(spec)
     for likelihood in spec.likelihoods:
-        new = action_logprob(*action, spec, likelihood=likelihood)
+        new = action_logprob(*action, spec, likelihood=likelihood, **stored)
         with pytest.warns(DeprecationWarning, match=r"action_logprob\(\.\.\.") as record:
-            old = action_logprob(*action, likelihood=likelihood, **settings)
+            old = action_logprob(*action, likelihood=likelihood, **stored, **settings)
         assert len(record) == 1 and record[0].filename == __file__
         assert torch.equal(old, new), likelihood
 
@@ -138,11 +143,12 @@ def test_the_spec_form_does_not_warn():
         step = mixture_step(logits, embedding, spec, noise=StepNoise(), generator=None)
         action_logprob(
             step.logprobs,
-            step.weights,
             step.mask,
             token_slot(step.ids, step.token),
             spec,
             likelihood="exact",
+            weight_logits=step.weight_logits,
+            rest_logprob=step.rest_logprob,
         )
 
 
@@ -157,9 +163,9 @@ def test_a_spec_and_old_keywords_together_are_a_type_error():
         mixture_step(logits, embedding, spec, selection_noise=torch.zeros(4, 23))
     with pytest.raises(TypeError, match=r"not both: \['token_noise'\]"):
         mixture_step(logits, embedding, k=2, noise=StepNoise(), token_noise=torch.zeros(4, 2))
-    action = _stored_action(MixtureSpec(k=2, selection="sample"))
+    action, stored = _stored_action(MixtureSpec(k=2, selection="sample"))
     with pytest.raises(TypeError, match=r"not both: \['selection'\]"):
-        action_logprob(*action, spec, likelihood="token", selection="sample")
+        action_logprob(*action, spec, likelihood="token", selection="sample", **stored)
 
 
 def test_missing_or_wrong_spec_is_a_type_error():
@@ -169,7 +175,7 @@ def test_missing_or_wrong_spec_is_a_type_error():
     with pytest.raises(TypeError, match="spec must be a MixtureSpec, got dict"):
         mixture_step(logits, embedding, {"k": 2})
     with pytest.raises(TypeError, match="needs a MixtureSpec"):
-        action_logprob(*_stored_action(MixtureSpec(k=2)), likelihood="token")
+        action_logprob(*_stored_action(MixtureSpec(k=2))[0], likelihood="token")
 
 
 # --------------------------------------------------------------------------- validation
@@ -229,7 +235,7 @@ def test_dict_round_trip():
     spec = MixtureSpec(k=3, selection="sample", weighting="gumbel", top_p=0.8)
     assert MixtureSpec.from_mapping(spec.to_dict()) == spec
     assert MixtureSpec.from_mapping({"k": 2, "other": 1}) == MixtureSpec(k=2)
-    assert MixtureSpec.field_names()[0] == "k" and len(MixtureSpec.field_names()) == 13
+    assert MixtureSpec.field_names()[0] == "k" and len(MixtureSpec.field_names()) == 17
 
 
 # ------------------------------------------------------------------ derived properties
@@ -284,7 +290,10 @@ def test_likelihoods_and_check_likelihood(selection, weighting, representative):
         and weighting in ("prob", "uniform", "blend")
         and representative != "sample"
     )
-    assert spec.likelihoods == (("token", "weighted") if no_random_part else LIKELIHOODS)
+    want = ("token", "weighted") if no_random_part else ("token", "weighted", "exact")
+    if weighting == "gumbel":
+        want += ("clamped_gumbel",)
+    assert spec.likelihoods == want
     for likelihood in spec.likelihoods:
         spec.check_likelihood(likelihood)
     if no_random_part:

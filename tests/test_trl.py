@@ -216,7 +216,7 @@ def test_mixture_training_runs_end_to_end(tmp_path, tiny_dir, dataset):
     assert texts == tokenizer.batch_decode(ids, skip_special_tokens=True)
     first = batches[0]
     assert set(ACTION_COLUMNS) <= set(first)
-    assert first["mixture_weights"].shape[-1] == 2
+    assert first["mixture_weight_logits"].shape[-1] == 2
     phases = set(first["mixture_phase"][first["completion_mask"].bool()].tolist())
     assert {Phase.MIXTURE, Phase.DISCRETE} <= phases
     # First pass (μ = 1): the training forward reproduces the rollout's likelihoods.
@@ -472,7 +472,7 @@ def test_docs_training_forward_matches_score_trajectories():
     traj = engine.generate([prompt], spec, group_size=2, seed=0)
     prompt_ids = torch.tensor([prompt] * 2)
     ell = mixture_loglik(
-        model, prompt_ids, traj.ids, traj.weights, traj.mask, traj.token_slot, spec, "exact"
+        model, prompt_ids, traj.ids, traj.weight_logits, traj.mask, traj.token_slot, spec, "exact"
     )
     expected = score_trajectories(model, traj, spec, likelihood="exact").action_logprob
     assert torch.allclose(ell, expected, atol=1e-5)

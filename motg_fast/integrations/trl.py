@@ -32,7 +32,7 @@ What the subclass changes, and why (every other step is TRL's own code):
   next step. TRL's `rollout_func` hook cannot carry per-position actions to the loss, hence
   the override.
 - `_generate_and_score_completions` (wraps TRL's): adds the actions to the batch as the
-  columns `mixture_ids`, `mixture_weights`, `mixture_mask` `[N,T,k]`, `mixture_token_slot`
+  columns `mixture_ids`, `mixture_weight_logits`, `mixture_mask` `[N,T,k]`, `mixture_token_slot`
   and `mixture_phase` `[N,T]`, padded like `completion_ids`, so TRL's shuffling and
   splitting carry them with every other column.
 - `_get_per_token_logps_and_entropies` (override): per-position log-likelihoods of the
@@ -99,7 +99,7 @@ __all__ = [
 # Batch column -> `Trajectories` field of the stored actions that travel through TRL's batch.
 ACTION_COLUMNS: dict[str, str] = {
     "mixture_ids": "ids",  # [N,T,k] int64
-    "mixture_weights": "weights",  # [N,T,k] float32
+    "mixture_weight_logits": "weight_logits",  # [N,T,k] float32 ω (w = softmax over valid)
     "mixture_mask": "mask",  # [N,T,k] bool
     "mixture_token_slot": "token_slot",  # [N,T] int64
     "mixture_phase": "phase",  # [N,T] int8 `Phase`
@@ -405,7 +405,7 @@ def columns_to_actions(batch: dict[str, Any]) -> Trajectories:
     values = {name: batch[column] for column, name in ACTION_COLUMNS.items()}
     rows = values["ids"].shape[0]
     # The rollout's log-probs are not carried: the training forward rescores the ids.
-    nan = torch.full_like(values["weights"], float("nan"))
+    nan = torch.full_like(values["weight_logits"], float("nan"))
     return Trajectories(prompt_ids=[[] for _ in range(rows)], logprobs=nan, **values)
 
 
@@ -525,7 +525,11 @@ class MixtureGRPOTrainer(GRPOTrainer):
         self._actions_in_scope = traj
         self._log_phases(traj)
         rollout_ll = action_loglik(
-            traj.logprobs, traj, self.mixture_spec, likelihood=self.mixture_likelihood
+            traj.logprobs,
+            traj,
+            self.mixture_spec,
+            likelihood=self.mixture_likelihood,
+            rest_logprob=traj.rest_logprob,
         )
         lengths = traj.lengths.tolist()
         tokens, ells = traj.token.tolist(), rollout_ll.tolist()

@@ -69,13 +69,15 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     return acc.add_(a @ b)
 
 
-def _chunked_forward(hidden, weight, ids, temperature, need_entropy):
-    """`(logprobs [N,k], logsumexp [N], entropy [N] or empty)`: whole rows, a chunk at a time."""
+def _chunked_forward(hidden, weight, ids, temperature, need_entropy, need_rest):
+    """`(logprobs [N,k], logsumexp [N], entropy [N], rest [N])` (entropy and rest empty when
+    not asked for): whole rows, a chunk at a time."""
     N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     logp = torch.empty(N, ids.shape[1], dtype=torch.float32, device=dev)
     lse = torch.empty(N, dtype=torch.float32, device=dev)
     ent = torch.empty(N if need_entropy else 0, dtype=torch.float32, device=dev)
+    rest = torch.empty(N if need_rest else 0, dtype=torch.float32, device=dev)
     rows = _row_chunk(N, V)
     for n0 in range(0, N, rows):
         part = slice(n0, n0 + rows)
@@ -85,35 +87,50 @@ def _chunked_forward(hidden, weight, ids, temperature, need_entropy):
         logp[part] = x.gather(1, ids[part])
         if need_entropy:
             ent[part] = -(x.exp() * x).sum(-1)
+        if need_rest:  # log Σ_{v∉ids} p_v, summed without cancellation
+            rest[part] = x.scatter_(1, ids[part], float("-inf")).logsumexp(-1)
         del x  # before the next chunk's GEMM allocates
-    return logp, lse, ent
+    return logp, lse, ent, rest
 
 
 def _chunked_backward(saved, grads, temperature, need_hidden, need_weight, need_entropy):
     """`(dh [N,H] or None, dW [V,H] or None)`, the vocabulary in column chunks: each chunk's
     `dW` rows come from one GEMM (no cross-chunk accumulation of `[V,H]`), `dh` sums the
     chunks' products in a float32 `[N,H]` buffer (`_accumulate_product`)."""
-    hidden, weight, ids, lse, ent = saved
-    g_logp, g_lse, g_ent = grads
+    hidden, weight, ids, lse, ent, rest = saved
+    g_logp, g_lse, g_ent, g_rest = grads
+    need_rest = rest.numel() > 0
     N, H = hidden.shape
     V = weight.shape[0]
     grad_hidden = hidden.new_zeros(N, H, dtype=torch.float32) if need_hidden else None
     grad_weight = (torch.empty_like if N else torch.zeros_like)(weight) if need_weight else None
     g = g_logp.float()
-    coef = (g.sum(-1) - g_lse.float())[:, None]
+    coef = g.sum(-1) - g_lse.float()
+    if need_rest:  # ∂rest/∂x_v = [v∉ids] p_v / e^rest − p_v
+        g_rest = g_rest.float()
+        coef = coef + g_rest
+        rest_floor = rest.clamp(min=torch.finfo(torch.float32).min)  # ids cover every p > 0
+    coef = coef[:, None]
     cols = _column_chunk(N, V)
     for v0 in range(0, V if N else 0, cols):
         w_chunk = weight[v0 : v0 + cols]
         width = w_chunk.shape[0]
         dz = _chunk_logits(hidden, w_chunk, temperature).sub_(lse[:, None])  # log p [N,C]
+        local = ids - v0
+        inside = (local >= 0) & (local < width)
+        outside = None
+        if need_rest:  # g_rest · p_v / e^rest at the columns that hold no id
+            outside = (dz - rest_floor[:, None]).exp_().mul_(g_rest[:, None])
+            outside.masked_fill_(_id_columns(local, inside, width), 0.0)
         if need_entropy:  # dz = −p (coef + g_ent (log p + ent)), in place
             prob = dz.exp()
             dz.add_(ent[:, None]).mul_(g_ent.float()[:, None]).add_(coef).mul_(prob).neg_()
             del prob
         else:  # dz = −p · coef, in place
             dz.exp_().mul_(coef).neg_()
-        local = ids - v0
-        inside = (local >= 0) & (local < width)
+        if outside is not None:
+            dz.add_(outside)
+            del outside
         dz.scatter_add_(1, local.clamp(0, width - 1), torch.where(inside, g, 0.0))
         dz = dz.mul_(inverse_temperature(temperature)).to(
             hidden.dtype
@@ -128,32 +145,43 @@ def _chunked_backward(saved, grads, temperature, need_hidden, need_weight, need_
     return grad_hidden, grad_weight
 
 
+def _id_columns(local: torch.Tensor, inside: torch.Tensor, width: int) -> torch.Tensor:
+    """`[N, width]` bool: the chunk's columns that hold one of the row's ids (`local [N,k]`
+    the ids minus the chunk's first column, `inside` those within it)."""
+    hits = torch.zeros(local.shape[0], width, dtype=torch.int32, device=local.device)
+    hits.scatter_add_(1, local.clamp(0, width - 1), inside.to(torch.int32))
+    return hits > 0
+
+
 class ChunkedLogprobsFunction(torch.autograd.Function):
     """LM head + log-probs at ids through torch GEMMs in chunks, never `[N,V]` at once.
 
-    `apply(hidden [N,H], weight [V,H], ids [N,k] int64, temperature, need_entropy)` →
-    `(logprobs [N,k], logsumexp [N], entropy [N])`, float32 and differentiable; hidden and
-    weight share one dtype. Without `need_entropy` the entropy is empty (`[0]`).
+    `apply(hidden [N,H], weight [V,H], ids [N,k] int64, temperature, need_entropy,
+    need_rest)` → `(logprobs [N,k], logsumexp [N], entropy [N], rest [N])`, float32 and
+    differentiable; hidden and weight share one dtype. Without `need_entropy` /
+    `need_rest` the entropy / rest is empty (`[0]`).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, temperature, need_entropy):
-        logp, lse, ent = _chunked_forward(hidden, weight, ids, temperature, need_entropy)
-        ctx.save_for_backward(hidden, weight, ids, lse, ent)
+    def forward(ctx, hidden, weight, ids, temperature, need_entropy, need_rest):
+        logp, lse, ent, rest = _chunked_forward(
+            hidden, weight, ids, temperature, need_entropy, need_rest
+        )
+        ctx.save_for_backward(hidden, weight, ids, lse, ent, rest)
         ctx.temperature = temperature
         ctx.need_entropy = need_entropy
-        return logp, lse, ent
+        return logp, lse, ent, rest
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_lse, g_ent):
+    def backward(ctx, g_logp, g_lse, g_ent, g_rest):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden, grad_weight = _chunked_backward(
             ctx.saved_tensors,
-            (g_logp, g_lse, g_ent),
+            (g_logp, g_lse, g_ent, g_rest),
             ctx.temperature,
             need_hidden,
             need_weight,
             ctx.need_entropy,
         )
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None

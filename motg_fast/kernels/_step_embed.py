@@ -2,8 +2,8 @@
 
 Programs over (row, block of H): `e = Σ_j w_j E[S_j]` accumulated in float32 (float64 for a
 float64 embedding) and stored in the embedding's dtype; the first block of a row also picks
-the representative slot (Gumbel-max over log w with given or Philox noise, argmax of w, or
-slot 0) and stores it with its token.
+the representative slot (Gumbel-max over the weight logits ω, i.e. log w up to a constant,
+with given or Philox noise; argmax of ω; or slot 0) and stores it with its token.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from ._launch import cdiv, next_pow2
 from ._philox import NOISE_GIVEN, NOISE_PHILOX, STREAM_TOKEN, slot_gumbel
 
 EMBED_TILE = 4096  # K_PAD · BLOCK_H elements an embed program holds
-# Codes of the constexpr `TOKEN`: the representative slot is the argmax of w, a Gumbel-max
-# draw over log w (noise `NOISE_GIVEN` 1 or `NOISE_PHILOX` 2), or slot 0.
+# Codes of the constexpr `TOKEN`: the representative slot is the argmax of ω, a Gumbel-max
+# draw over ω (noise `NOISE_GIVEN` 1 or `NOISE_PHILOX` 2), or slot 0.
 TOKEN_ARGMAX = 0
 TOKEN_FIRST = 3
 _FIRST = constexpr(TOKEN_FIRST)
@@ -24,9 +24,11 @@ _FIRST = constexpr(TOKEN_FIRST)
 
 @jit
 def _embed_token_kernel(
-    # candidates [B,k] (ids int64, weights float32, mask bool), token noise [B,k], seed
+    # candidates [B,k] (ids int64, weights and weight logits float32, mask bool), token
+    # noise [B,k], seed
     ids_ptr,
     weights_ptr,
+    w_logits_ptr,
     mask_ptr,
     token_noise_ptr,
     seed_ptr,
@@ -47,8 +49,8 @@ def _embed_token_kernel(
     ACC_F64: tl.constexpr,
 ):
     """Program `(row, h)`: columns `h·BLOCK_H…` of `Σ_j w_j E[ids_j]`; h = 0 also stores the
-    representative slot and its token (TOKEN 0: argmax of w, 1: Gumbel-max with given
-    noise, 2: with Philox noise, 3: slot 0)."""
+    representative slot and its token (TOKEN 0: argmax of ω, 1: Gumbel-max over ω with
+    given noise, 2: with Philox noise, 3: slot 0)."""
     row = tl.program_id(0)
     hblock = tl.program_id(1)
     slots = tl.arange(0, K_PAD)
@@ -61,7 +63,8 @@ def _embed_token_kernel(
             slot = tl.sum(slots * 0, 0)
         else:
             valid = live & (tl.load(mask_ptr + cand, mask=live, other=0) != 0)
-            score = tl.where(valid, tl.log(tl.where(valid, w, 1.0)), float("-inf"))
+            omega = tl.load(w_logits_ptr + cand, mask=live, other=0.0)
+            score = tl.where(valid, omega, float("-inf"))
             if TOKEN == NOISE_GIVEN:
                 score = score + tl.load(token_noise_ptr + cand, mask=live, other=0.0)
             if TOKEN == NOISE_PHILOX:
@@ -81,9 +84,11 @@ def _embed_token_kernel(
     tl.store(out, mixed.to(embeds_ptr.dtype.element_ty), mask=inside)
 
 
-def launch_embed(embedding, ids, weights, mask, *, seed, token_noise, token_source: int):
-    """`(token [B], slot [B], embeds [B,H])` (int64, int64, embedding dtype) of ids, weights
-    and mask `[B,k]`; `token_source` is the `TOKEN` code."""
+def launch_embed(
+    embedding, ids, weights, weight_logits, mask, *, seed, token_noise, token_source: int
+):
+    """`(token [B], slot [B], embeds [B,H])` (int64, int64, embedding dtype) of ids, weights,
+    weight logits and mask `[B,k]`; `token_source` is the `TOKEN` code."""
     batch, k = ids.shape
     hidden = embedding.shape[1]
     token = torch.empty(batch, dtype=torch.int64, device=ids.device)
@@ -93,6 +98,7 @@ def launch_embed(embedding, ids, weights, mask, *, seed, token_noise, token_sour
     _embed_token_kernel[(batch, max(1, cdiv(hidden, block_h)))](
         ids_ptr=ids,
         weights_ptr=weights,
+        w_logits_ptr=weight_logits,
         mask_ptr=mask,
         token_noise_ptr=token_noise if token_noise is not None else weights,
         seed_ptr=seed if seed is not None else ids,

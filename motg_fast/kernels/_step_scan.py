@@ -3,7 +3,8 @@
 
 `scan_columns` streams part of one logits row in `BLOCK_V` tiles into an online softmax
 state and the selection's running keys; `select_slots` turns a row's final state and keys
-into ids, log-probs, the slot mask and the weights (all but `dirichlet`) and stores them.
+into ids, log-probs, the slot mask, the weight logits and the weights (all but `dirichlet`
+and `blend`) and stores them.
 Kernels: `step_row_kernel` (one program per row: scan, then select), or
 `step_split_kernel` (programs over row × vocabulary split write partial states and keys)
 followed by `step_merge_kernel` (merge a row's splits, then select).
@@ -40,7 +41,7 @@ from ._topk import (
     sort_desc,
 )
 
-# Host codes of the constexprs `SELECTION` and `WEIGHTING` (`dirichlet`: weights in torch).
+# Host codes of the constexprs `SELECTION` and `WEIGHTING` (`dirichlet`, `blend`: weights in torch).
 SELECTION_CODES = {"topk": 0, "sample": 1, "sample_topk": 2, "iid": 3}
 WEIGHTING_CODES = {"prob": 0, "gumbel": 1, "dirichlet": 2, "uniform": 3, "blend": 4}
 _TOPK = constexpr(SELECTION_CODES["topk"])
@@ -175,28 +176,32 @@ def select_slots(
     stride_col,
     weight_noise_ptr,
     seed,
-    # outputs: ids, weights, mask, logprobs [B,k]; logsumexp, entropy [B]
+    # outputs: ids, weights, weight logits, mask, logprobs [B,k]; logsumexp, entropy [B]
     ids_ptr,
     weights_ptr,
+    w_logits_ptr,
     mask_ptr,
     logprobs_ptr,
     lse_ptr,
     entropy_ptr,
-    # k, 1/τ, filters, the gumbel weighting temperature λ and the blend's β
+    # k, 1/τ, filters, the gumbel weighting temperature λ and its noise clamp [lo, hi]
     k,
     inv_temperature,
     top_p,
     log_min_p,
     gumbel_temperature,
-    blend_beta,
+    gumbel_lo,
+    gumbel_hi,
     K_PAD: tl.constexpr,
     SELECTION: tl.constexpr,
     USE_TOP_P: tl.constexpr,
+    TOP_P_SLOTS: tl.constexpr,
     USE_MIN_P: tl.constexpr,
     WEIGHTING: tl.constexpr,
     W_NOISE: tl.constexpr,
 ):
-    """Candidates, log-probs, mask and weights (all but dirichlet's) of one row; stores them.
+    """Candidates, log-probs, mask, weight logits ω and weights `softmax(ω)` over the valid
+    slots (all but dirichlet's and blend's, drawn in torch) of one row; stores them.
 
     ids: `topk` / `sample` the keys best first; `iid` the draws in order; `sample_topk` the
     sampled token y, then the k−1 best logits of the other tokens (y's key, if among the
@@ -220,6 +225,8 @@ def select_slots(
     valid = live & (logprobs > float("-inf"))
     if USE_TOP_P:
         p = tl.exp(logprobs)
+        if TOP_P_SLOTS:  # the mass renormalised over the k slots
+            p = p / tl.sum(tl.where(live, p, 0.0), 0)
         valid = valid & (tl.cumsum(p, 0) - p < top_p)
     if USE_MIN_P:
         valid = valid & (logprobs >= (m - lse) + log_min_p)
@@ -232,8 +239,9 @@ def select_slots(
     if WEIGHTING == _UNIFORM:
         count = tl.sum(valid.to(tl.float32), 0)
         w = tl.where(valid, tl.math.div_rn(count * 0.0 + 1.0, count), 0.0)  # 1/m, IEEE
+        tl.store(w_logits_ptr + out, tl.zeros([K_PAD], tl.float32), mask=live)
         tl.store(weights_ptr + out, w, mask=live)
-    elif WEIGHTING != _DIRICHLET:
+    elif (WEIGHTING != _DIRICHLET) & (WEIGHTING != _BLEND):
         kept = tl.where(valid, logprobs, float("-inf"))
         top_kept = tl.max(kept, 0)
         log_p = kept - (top_kept + tl.log(tl.sum(tl.exp(kept - top_kept), 0)))
@@ -242,11 +250,11 @@ def select_slots(
                 g = tl.load(weight_noise_ptr + out, mask=live, other=0.0)
             else:
                 g = slot_gumbel(seed, row, slots, STREAM_WEIGHT)
+            g = tl.minimum(tl.maximum(g, gumbel_lo), gumbel_hi)
             log_p = (log_p + g) / gumbel_temperature
         e = tl.exp(log_p - tl.max(log_p, 0))
-        w = tl.where(valid, e / tl.sum(e, 0), 0.0)
-        if WEIGHTING == _BLEND:  # (β p̃ + onehot_0) / (β + 1)
-            w = (blend_beta * w + (slots == 0).to(tl.float32)) / (blend_beta + 1.0)
+        w = tl.where(valid, e / tl.sum(tl.where(valid, e, 0.0), 0), 0.0)
+        tl.store(w_logits_ptr + out, tl.where(valid, log_p, 0.0), mask=live)
         tl.store(weights_ptr + out, w, mask=live)
 
 
@@ -265,6 +273,7 @@ def step_row_kernel(
     # outputs
     ids_ptr,
     weights_ptr,
+    w_logits_ptr,
     mask_ptr,
     logprobs_ptr,
     lse_ptr,
@@ -276,7 +285,8 @@ def step_row_kernel(
     top_p,
     log_min_p,
     gumbel_temperature,
-    blend_beta,
+    gumbel_lo,
+    gumbel_hi,
     # meta-parameters
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -285,6 +295,7 @@ def step_row_kernel(
     W_NOISE: tl.constexpr,
     WEIGHTING: tl.constexpr,
     USE_TOP_P: tl.constexpr,
+    TOP_P_SLOTS: tl.constexpr,
     USE_MIN_P: tl.constexpr,
 ):
     """One program per row: scan the whole row, then select (grid `(B,)`)."""
@@ -320,6 +331,7 @@ def step_row_kernel(
         seed=seed,
         ids_ptr=ids_ptr,
         weights_ptr=weights_ptr,
+        w_logits_ptr=w_logits_ptr,
         mask_ptr=mask_ptr,
         logprobs_ptr=logprobs_ptr,
         lse_ptr=lse_ptr,
@@ -329,10 +341,12 @@ def step_row_kernel(
         top_p=top_p,
         log_min_p=log_min_p,
         gumbel_temperature=gumbel_temperature,
-        blend_beta=blend_beta,
+        gumbel_lo=gumbel_lo,
+        gumbel_hi=gumbel_hi,
         K_PAD=K_PAD,
         SELECTION=SELECTION,
         USE_TOP_P=USE_TOP_P,
+        TOP_P_SLOTS=TOP_P_SLOTS,
         USE_MIN_P=USE_MIN_P,
         WEIGHTING=WEIGHTING,
         W_NOISE=W_NOISE,
@@ -412,6 +426,7 @@ def step_merge_kernel(
     # outputs
     ids_ptr,
     weights_ptr,
+    w_logits_ptr,
     mask_ptr,
     logprobs_ptr,
     lse_ptr,
@@ -423,7 +438,8 @@ def step_merge_kernel(
     top_p,
     log_min_p,
     gumbel_temperature,
-    blend_beta,
+    gumbel_lo,
+    gumbel_hi,
     # meta-parameters
     K_PAD: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
@@ -431,6 +447,7 @@ def step_merge_kernel(
     W_NOISE: tl.constexpr,
     WEIGHTING: tl.constexpr,
     USE_TOP_P: tl.constexpr,
+    TOP_P_SLOTS: tl.constexpr,
     USE_MIN_P: tl.constexpr,
 ):
     """Merge the splits of one row, then select (grid `(B,)`)."""
@@ -475,6 +492,7 @@ def step_merge_kernel(
         seed=seed,
         ids_ptr=ids_ptr,
         weights_ptr=weights_ptr,
+        w_logits_ptr=w_logits_ptr,
         mask_ptr=mask_ptr,
         logprobs_ptr=logprobs_ptr,
         lse_ptr=lse_ptr,
@@ -484,10 +502,12 @@ def step_merge_kernel(
         top_p=top_p,
         log_min_p=log_min_p,
         gumbel_temperature=gumbel_temperature,
-        blend_beta=blend_beta,
+        gumbel_lo=gumbel_lo,
+        gumbel_hi=gumbel_hi,
         K_PAD=K_PAD,
         SELECTION=SELECTION,
         USE_TOP_P=USE_TOP_P,
+        TOP_P_SLOTS=TOP_P_SLOTS,
         USE_MIN_P=USE_MIN_P,
         WEIGHTING=WEIGHTING,
         W_NOISE=W_NOISE,

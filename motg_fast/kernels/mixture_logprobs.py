@@ -2,10 +2,13 @@
 
 Math: logits `z = h Wᵀ` for hidden `h [N,H]` and LM-head weight `W [V,H]`,
 `lse_n = logsumexp_v(z_nv/τ)`, `logprobs_nj = z_n,ids_nj/τ − lse_n`, and optionally the
-entropy `ent_n = −Σ_v p_nv log p_nv` of `p_n = softmax(z_n/τ)`.
-Backward (upstream grads `g [N,k]` on logprobs, `g_lse [N]` on lse, `g_ent [N]` on entropy):
-`∂/∂z_nv = (1/τ)(Σ_j g_nj [v = ids_nj] − (Σ_j g_nj − g_lse_n) · p_nv
-− g_ent_n · p_nv (log p_nv + ent_n))`, then `dh = dz W`, `dW = dzᵀ h`.
+entropy `ent_n = −Σ_v p_nv log p_nv` of `p_n = softmax(z_n/τ)` and the log-mass outside the
+ids `rest_n = logsumexp_{v ∉ ids_n}(z_nv/τ) − lse_n` (a second online logsumexp over the
+columns that hold no id, so confident rows keep their digits).
+Backward (upstream grads `g [N,k]` on logprobs, `g_lse [N]` on lse, `g_ent [N]` on entropy,
+`g_rest [N]` on rest): `∂/∂z_nv = (1/τ)(Σ_j g_nj [v = ids_nj] − (Σ_j g_nj − g_lse_n +
+g_rest_n) · p_nv − g_ent_n · p_nv (log p_nv + ent_n) + g_rest_n [v ∉ ids_n] p_nv / e^rest_n)`,
+then `dh = dz W`, `dW = dzᵀ h`.
 
 Three paths (`backend=`), same outputs and gradients. The reference materialises `[N,V]`
 logits (the eager baseline); the Triton and chunked paths never hold `[N,V]`.
@@ -80,6 +83,17 @@ def mixture_logprobs_ref(
     logits = torch.nn.functional.linear(hidden, lm_head_weight).to(acc) * _scale(acc, temperature)
     lse = logits.logsumexp(-1)
     return logits.gather(-1, ids.long()) - lse.unsqueeze(-1), lse
+
+
+def mixture_logprobs_rest_ref(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Eager `rest [N] = log Σ_{v ∉ ids} p_v`, the log-mass outside the ids, as a
+    logsumexp over the other columns (no cancellation); arguments as the reference."""
+    acc = accumulation_dtype(hidden, lm_head_weight)
+    logits = torch.nn.functional.linear(hidden, lm_head_weight).to(acc) * _scale(acc, temperature)
+    outside = logits.scatter(-1, ids.long(), float("-inf"))
+    return outside.logsumexp(-1) - logits.logsumexp(-1)
 
 
 def mixture_logprobs_entropy_ref(
@@ -192,6 +206,17 @@ def _store_at_ids(
 
 
 @jit
+def _id_columns(ids_ptr, offs_n, n_mask, v0, K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """`[BLOCK_N, BLOCK_V]` bool: the tile's columns (v0…) that hold one of the row's ids."""
+    offs_c = tl.arange(0, BLOCK_V)
+    hit = offs_c[None, :] < 0
+    for j in range(K):
+        id_j = tl.load(ids_ptr + offs_n * K + j, mask=n_mask, other=-1)
+        hit = hit | (offs_c[None, :] == (id_j - v0)[:, None])
+    return hit
+
+
+@jit
 def _logprobs_fwd_partial_kernel(
     # inputs: hidden [N,H], weight [V,H], 1/τ
     h_ptr,
@@ -206,10 +231,13 @@ def _logprobs_fwd_partial_kernel(
     # whose split holds the id (from the very tile that enters the logsumexp)
     ids_ptr,
     x_ptr,
-    # outputs, [splits, N] float32 each: running max m, Σ e^{x−m}, Σ e^{x−m}(x−m)
+    # outputs, [splits, N] float32 each: running max m, Σ e^{x−m}, Σ e^{x−m}(x−m); with REST
+    # also the max and Σ e^{x−m} over the columns that hold none of the row's ids
     m_ptr,
     s_ptr,
     t_ptr,
+    rm_ptr,
+    rs_ptr,
     # program (i, j) covers rows i·BLOCK_N… and vocabulary columns [j·span, (j+1)·span)
     span,
     K: tl.constexpr,
@@ -218,6 +246,7 @@ def _logprobs_fwd_partial_kernel(
     BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    REST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -228,6 +257,8 @@ def _logprobs_fwd_partial_kernel(
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    rm = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    rs = tl.zeros([BLOCK_N], dtype=tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
@@ -251,10 +282,20 @@ def _logprobs_fwd_partial_kernel(
         tm, ts, tt = tile_stats(x, tl.max(x, axis=1), 1)
         m, s, t = combine_stats(m, s, t, tm, ts, tt)
         _store_at_ids(x, ids_ptr, x_ptr, offs_n, n_mask, v0, v_end, K, BLOCK_V)
+        if REST:
+            xr = tl.where(_id_columns(ids_ptr, offs_n, n_mask, v0, K, BLOCK_V), float("-inf"), x)
+            rm_tile = tl.max(xr, axis=1)
+            rm_new = tl.maximum(rm, rm_tile)
+            safe = tl.where(rm_new == float("-inf"), 0.0, rm_new)
+            rs = rs * tl.exp(rm - safe) + tl.sum(tl.exp(xr - safe[:, None]), axis=1)
+            rm = rm_new
     out = split.to(tl.int64) * N + offs_n
     tl.store(m_ptr + out, m, mask=n_mask)
     tl.store(s_ptr + out, s, mask=n_mask)
     tl.store(t_ptr + out, t, mask=n_mask)
+    if REST:
+        tl.store(rm_ptr + out, rm, mask=n_mask)
+        tl.store(rs_ptr + out, rs, mask=n_mask)
 
 
 @jit
@@ -268,11 +309,16 @@ def _logprobs_fwd_finalize_kernel(
     k,
     # in: the scaled logits at the ids [N,k]; out: logprobs [N,k] (same buffer, float32)
     logp_ptr,
-    # outputs (float32): logsumexp [N], entropy [N]
+    # outputs (float32): logsumexp [N], entropy [N]; with REST the partial rest states and
+    # rest [N] = log Σ_{v∉ids} p_v
     lse_ptr,
     ent_ptr,
+    rm_ptr,
+    rs_ptr,
+    rest_ptr,
     BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    REST: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
@@ -284,6 +330,13 @@ def _logprobs_fwd_finalize_kernel(
     lse = m_max + tl.log(total)
     tl.store(lse_ptr + row, lse)
     tl.store(ent_ptr + row, tl.log(total) - centred / total)
+    if REST:
+        rm = tl.load(rm_ptr + offs_s * N + row, mask=s_mask, other=float("-inf"))
+        rs = tl.load(rs_ptr + offs_s * N + row, mask=s_mask, other=0.0)
+        top = tl.max(rm, 0)
+        safe = tl.where(top == float("-inf"), 0.0, top)
+        rest_total = tl.sum(rs * tl.exp(rm - safe), 0)
+        tl.store(rest_ptr + row, safe + tl.log(rest_total) - lse)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < k
     x = tl.load(logp_ptr + row * k + offs_k, mask=k_mask, other=0.0)
@@ -303,11 +356,14 @@ def _logprobs_bwd_dlogits_kernel(
     v0,
     chunk,
     inv_tau,
-    # per row (float32 [N]): logsumexp, entropy, Σ_j g_j − g_lse, g_ent
+    # per row (float32 [N]): logsumexp, entropy, Σ_j g_j − g_lse (+ g_rest), g_ent; with
+    # REST the rest (clamped to a finite floor) and its upstream grad g_rest
     lse_ptr,
     ent_ptr,
     coef_ptr,
     gent_ptr,
+    rest_ptr,
+    grest_ptr,
     # per slot: ids [N,K], upstream grads g [N,K] (float32)
     ids_ptr,
     g_ptr,
@@ -320,6 +376,7 @@ def _logprobs_bwd_dlogits_kernel(
     BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    REST: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -349,6 +406,13 @@ def _logprobs_bwd_dlogits_kernel(
     g_ent = tl.load(gent_ptr + offs_n, mask=n_mask, other=0.0)
     logp = x - lse[:, None]
     dz = -tl.exp(logp) * (coef[:, None] + g_ent[:, None] * (logp + ent[:, None]))
+    if REST:  # + g_rest · p_v / e^rest at the columns that hold no id
+        rest = tl.load(rest_ptr + offs_n, mask=n_mask, other=0.0)
+        g_rest = tl.load(grest_ptr + offs_n, mask=n_mask, other=0.0)
+        first = (v0 + tl.program_id(1) * BLOCK_V).to(tl.int64)
+        is_id = _id_columns(ids_ptr, offs_n, n_mask, first, K, BLOCK_V)
+        outside = tl.exp(logp - rest[:, None]) * g_rest[:, None]
+        dz += tl.where(is_id, 0.0, outside)
     for j in range(K):
         id_j = tl.load(ids_ptr + offs_n * K + j, mask=n_mask, other=-1).to(tl.int64)
         col_j = (id_j - v0).to(tl.int32)
@@ -475,22 +539,28 @@ def _vocab_chunk(N: int, V: int, element_size: int, block_v: int) -> int:
     return min(V, max(block_v, columns // block_v * block_v))
 
 
-def _logprobs_forward(hidden, weight, ids, temperature):
-    """`(logprobs [N,k], logsumexp [N], entropy [N])` float32; `[N,H]`, `[V,H]`, `[N,k]`."""
+def _logprobs_forward(hidden, weight, ids, temperature, need_rest=False):
+    """`(logprobs [N,k], logsumexp [N], entropy [N], rest [N])` float32 (rest empty unless
+    `need_rest`); `[N,H]`, `[V,H]`, `[N,k]`."""
     N, H = hidden.shape
     V, k = weight.shape[0], ids.shape[1]
     dev = hidden.device
     logp = torch.empty(N, k, dtype=torch.float32, device=dev)
     lse = torch.empty(N, dtype=torch.float32, device=dev)
     ent = torch.empty(N, dtype=torch.float32, device=dev)
+    rest = torch.empty(N if need_rest else 0, dtype=torch.float32, device=dev)
     if N == 0:
-        return logp, lse, ent
+        return logp, lse, ent, rest
     cfg = _tile_config(N, hidden.dtype)
     n_blocks = cdiv(N, cfg["BLOCK_N"])
     splits, span = _vocab_splits(n_blocks, V, cfg["BLOCK_V"], dev)
-    partial = torch.empty(3, splits, N, dtype=torch.float32, device=dev)
+    partial = torch.empty(5 if need_rest else 3, splits, N, dtype=torch.float32, device=dev)
     inputs = dict(h_ptr=hidden, stride_h=hidden.stride(0), w_ptr=weight, stride_w=weight.stride(0))
     states = dict(m_ptr=partial[0], s_ptr=partial[1], t_ptr=partial[2])
+    rest_states = dict(
+        rm_ptr=partial[3] if need_rest else partial[0],
+        rs_ptr=partial[4] if need_rest else partial[0],
+    )
     _logprobs_fwd_partial_kernel[(n_blocks, splits)](
         N=N,
         V=V,
@@ -500,8 +570,10 @@ def _logprobs_forward(hidden, weight, ids, temperature):
         x_ptr=logp,
         span=span,
         K=k,
+        REST=need_rest,
         **inputs,
         **states,
+        **rest_states,
         **cfg,
     )
     _logprobs_fwd_finalize_kernel[(N,)](
@@ -511,11 +583,14 @@ def _logprobs_forward(hidden, weight, ids, temperature):
         logp_ptr=logp,
         lse_ptr=lse,
         ent_ptr=ent,
+        rest_ptr=rest if need_rest else lse,
         BLOCK_S=next_pow2(splits),
         BLOCK_K=next_pow2(k),
+        REST=need_rest,
         **states,
+        **rest_states,
     )
-    return logp, lse, ent
+    return logp, lse, ent, rest
 
 
 def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
@@ -540,8 +615,8 @@ def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Non
 
 def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
     """`(dh [N,H] or None, dW [V,H] or None)`, the vocabulary streamed in chunks."""
-    hidden, weight, ids, lse, ent = saved
-    g_logp, g_lse, g_ent = grads
+    hidden, weight, ids, lse, ent, rest = saved
+    g_logp, g_lse, g_ent, g_rest = grads
     N, H = hidden.shape
     V, k = weight.shape[0], ids.shape[1]
     dev = hidden.device
@@ -549,8 +624,14 @@ def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
     grad_weight = torch.zeros_like(weight) if need_weight else None
     if N == 0:
         return grad_hidden, grad_weight
+    need_rest = rest.numel() > 0
     g = g_logp.float().contiguous()
-    coef = (g.sum(-1) - g_lse.float()).contiguous()
+    coef = g.sum(-1) - g_lse.float()
+    if need_rest:  # ∂rest/∂x_v = [v∉ids] p_v / e^rest − p_v
+        g_rest = g_rest.float().contiguous()
+        coef = coef + g_rest
+        rest = rest.clamp(min=torch.finfo(torch.float32).min).contiguous()  # ids cover all p>0
+    coef = coef.contiguous()
     g_ent = g_ent.float().contiguous()
     cfg = _tile_config(N, hidden.dtype)
     chunk = _vocab_chunk(N, V, hidden.element_size(), cfg["BLOCK_V"])
@@ -573,11 +654,14 @@ def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
             ent_ptr=ent,
             coef_ptr=coef,
             gent_ptr=g_ent,
+            rest_ptr=rest if need_rest else lse,
+            grest_ptr=g_rest if need_rest else lse,
             ids_ptr=ids,
             g_ptr=g,
             dz_ptr=dz_chunk,
             stride_dz=dz_chunk.stride(0),
             K=k,
+            REST=need_rest,
             **cfg,
         )
         if need_weight:
@@ -597,29 +681,30 @@ def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
 class MixtureLogprobsFunction(torch.autograd.Function):
     """Fused LM head + log-probs at ids with backward to hidden and weight.
 
-    `apply(hidden [N,H], weight [V,H], ids [N,k], temperature)` →
-    `(logprobs [N,k], logsumexp [N], entropy [N])`, all float32 and differentiable; hidden
-    and weight share one dtype and have unit column strides, ids are contiguous.
+    `apply(hidden [N,H], weight [V,H], ids [N,k], temperature, need_rest)` →
+    `(logprobs [N,k], logsumexp [N], entropy [N], rest [N])`, all float32 and
+    differentiable (rest empty unless `need_rest`); hidden and weight share one dtype and
+    have unit column strides, ids are contiguous.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, temperature):
+    def forward(ctx, hidden, weight, ids, temperature, need_rest=False):
         with device_guard(hidden.device):
-            logp, lse, ent = _logprobs_forward(hidden, weight, ids, temperature)
-        ctx.save_for_backward(hidden, weight, ids, lse, ent)
+            logp, lse, ent, rest = _logprobs_forward(hidden, weight, ids, temperature, need_rest)
+        ctx.save_for_backward(hidden, weight, ids, lse, ent, rest)
         ctx.temperature = temperature
-        return logp, lse, ent
+        return logp, lse, ent, rest
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_lse, g_ent):
+    def backward(ctx, g_logp, g_lse, g_ent, g_rest):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         saved = ctx.saved_tensors
         with device_guard(saved[0].device):
             grad_hidden, grad_weight = _logprobs_backward(
-                saved, (g_logp, g_lse, g_ent), ctx.temperature, need_hidden, need_weight
+                saved, (g_logp, g_lse, g_ent, g_rest), ctx.temperature, need_hidden, need_weight
             )
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -630,12 +715,17 @@ class MixtureLogprobsFunction(torch.autograd.Function):
 LOGPROBS_BACKENDS = ("reference", "triton", "chunked")
 
 
-def _reference_path(hidden, lm_head_weight, ids, temperature, return_entropy):
+def _reference_path(hidden, lm_head_weight, ids, temperature, return_entropy, return_rest):
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_ids = ids.reshape(-1, ids.shape[-1])
     if return_entropy:
-        return mixture_logprobs_entropy_ref(flat_hidden, lm_head_weight, flat_ids, temperature)
-    return mixture_logprobs_ref(flat_hidden, lm_head_weight, flat_ids, temperature)
+        out = mixture_logprobs_entropy_ref(flat_hidden, lm_head_weight, flat_ids, temperature)
+    else:
+        out = mixture_logprobs_ref(flat_hidden, lm_head_weight, flat_ids, temperature) + (None,)
+    rest = None
+    if return_rest:
+        rest = mixture_logprobs_rest_ref(flat_hidden, lm_head_weight, flat_ids, temperature)
+    return (*out, rest)
 
 
 def _flat_inputs(hidden, lm_head_weight, ids, path):
@@ -658,15 +748,17 @@ def _flat_inputs(hidden, lm_head_weight, ids, path):
     return flat_hidden, lm_head_weight, ids.reshape(-1, ids.shape[-1])
 
 
-def _triton_path(hidden, lm_head_weight, ids, temperature):
+def _triton_path(hidden, lm_head_weight, ids, temperature, return_rest):
     flat_hidden, weight, flat_ids = _flat_inputs(hidden, lm_head_weight, ids, "triton")
-    return MixtureLogprobsFunction.apply(flat_hidden, weight, flat_ids.contiguous(), temperature)
+    return MixtureLogprobsFunction.apply(
+        flat_hidden, weight, flat_ids.contiguous(), temperature, return_rest
+    )
 
 
-def _chunked_path(hidden, lm_head_weight, ids, temperature, return_entropy):
+def _chunked_path(hidden, lm_head_weight, ids, temperature, return_entropy, return_rest):
     flat_hidden, weight, flat_ids = _flat_inputs(hidden, lm_head_weight, ids, "chunked")
     return ChunkedLogprobsFunction.apply(
-        flat_hidden, weight, flat_ids.long(), temperature, return_entropy
+        flat_hidden, weight, flat_ids.long(), temperature, return_entropy, return_rest
     )
 
 
@@ -678,6 +770,7 @@ def mixture_logprobs(
     temperature: float = 1.0,
     backend: str | None = None,
     return_entropy: bool = False,
+    return_rest: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Differentiable `log softmax(h Wᵀ/τ)` at `ids`, with the logsumexp.
 
@@ -693,10 +786,14 @@ def mixture_logprobs(
             chunked paths need hidden and weight in one dtype (under `torch.autocast` both
             take the autocast dtype, the weight's copy cached per weight version).
         return_entropy: also return the entropy of `softmax(h Wᵀ/τ)` (differentiable).
+        return_rest: also return `rest [...] = log Σ_{v ∉ ids} p_v`, the log-mass outside
+            the ids, as a logsumexp over the other columns (no `1 − Σ p` cancellation on
+            confident rows; differentiable): what the exact Plackett–Luce likelihood of
+            `sample` needs (`action_logprob(..., rest_logprob=rest)`).
 
     Returns:
-        `(logprobs [..., k], logsumexp [...])`, float32 (float64 for float64 inputs), and
-        `entropy [...]` third when `return_entropy`.
+        `(logprobs [..., k], logsumexp [...])`, float32 (float64 for float64 inputs), then
+        `entropy [...]` when `return_entropy`, then `rest [...]` when `return_rest`.
     """
     check_logprobs_args(hidden, lm_head_weight, ids, temperature)
     if backend is not None and backend not in LOGPROBS_BACKENDS:
@@ -707,14 +804,15 @@ def mixture_logprobs(
         path = "chunked"
     else:
         path = resolve_backend("mixture_logprobs", backend, hidden.device)
+    args = (hidden, lm_head_weight, ids, temperature)
     if path == "reference" or torch.float64 in (hidden.dtype, lm_head_weight.dtype):
-        outputs = _reference_path(hidden, lm_head_weight, ids, temperature, return_entropy)
+        outputs = _reference_path(*args, return_entropy, return_rest)
     elif path == "chunked":
-        outputs = _chunked_path(hidden, lm_head_weight, ids, temperature, return_entropy)
+        outputs = _chunked_path(*args, return_entropy, return_rest)
     else:
-        outputs = _triton_path(hidden, lm_head_weight, ids, temperature)
-    if not return_entropy:
-        outputs = outputs[:2]
+        outputs = _triton_path(*args, return_rest)
+    logp, lse, ent, rest = outputs
+    outputs = (logp, lse) + ((ent,) if return_entropy else ()) + ((rest,) if return_rest else ())
     lead = hidden.shape[:-1]
     shaped = (outputs[0].reshape(*lead, ids.shape[-1]),)
     return shaped + tuple(out.reshape(lead) for out in outputs[1:])

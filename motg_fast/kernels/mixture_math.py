@@ -90,18 +90,22 @@ def slot_mask(
     *,
     top_p: float | None = None,
     min_p: float | None = None,
+    top_p_mass: str = "vocab",
 ) -> torch.Tensor:
     """Validity `[B,k]` (bool) of the slots from their log-probs `[B,k]` and the row max `[B]`.
 
     A slot is valid when its probability is non-zero and it passes the filters:
     `top_p` keeps the smallest prefix of slots whose probability mass reaches `top_p`
-    (a slot stays while the mass of the slots before it is below `top_p`);
+    (a slot stays while the mass of the slots before it is below `top_p`; the mass under
+    the full distribution, or with `top_p_mass="slots"` renormalised over the k slots);
     `min_p` keeps slots with `p_j >= min_p * max p` (max over the whole vocabulary).
     Slot 0 is always valid.
     """
     valid = torch.isfinite(slot_logprobs)
     if top_p is not None:
         probs = slot_logprobs.exp()
+        if top_p_mass == "slots":
+            probs = probs / probs.sum(-1, keepdim=True)
         mass_before = probs.cumsum(-1) - probs
         valid &= mass_before < top_p
     if min_p is not None and min_p > 0:
@@ -114,6 +118,13 @@ def renormalised_logprobs(slot_logprobs: torch.Tensor, mask: torch.Tensor) -> to
     """`log p̃ [..., k]`: log-probs renormalised over the valid slots, −inf on masked ones."""
     masked = slot_logprobs.masked_fill(~mask, float("-inf"))
     return masked - masked.logsumexp(-1, keepdim=True)
+
+
+# Dirichlet slots whose concentration c·p̃_j falls below this are masked before the draw (a
+# deterministic function of the logits, like the min_p filter): a draw of such a slot has
+# log-weight below about −708/α and would overflow float32 storage. Only a slot more than
+# about 69 nats below the top of the renormalised slots reaches it (c = 1).
+DIRICHLET_MIN_ALPHA = 1e-30
 
 
 def log_dirichlet_draw(
@@ -131,70 +142,130 @@ def log_dirichlet_draw(
     return y.log() + u.log() / alpha
 
 
-def mixture_weights(
+def dirichlet_slot_mask(
+    slot_logprobs: torch.Tensor, mask: torch.Tensor, concentration: float
+) -> torch.Tensor:
+    """`mask [B,k]` without the slots whose Dirichlet concentration `c·p̃_j` is below
+    `DIRICHLET_MIN_ALPHA` (slot 0, the most probable under `topk`, always stays)."""
+    log_p = renormalised_logprobs(slot_logprobs.double(), mask)
+    keep = log_p >= math.log(DIRICHLET_MIN_ALPHA / concentration)
+    keep[..., 0] = True
+    return mask & keep
+
+
+def entropy_blend_logits(
+    slot_logprobs: torch.Tensor, mask: torch.Tensor, beta: float, prior_scale: float = 1.0
+) -> torch.Tensor:
+    """Log-weights `[B,k]` (float64) of Mixture of Inputs' blend, slot 0 the observed token:
+    `w = H_n (q + β e_0)/(1 + β) + (1 − H_n) e_0`, `q = softmax(prior_scale · log p)` over
+    the valid slots (`prior_scale = τ/τ_prior` turns log-probs at τ into the prior's
+    temperature), `H_n = H(q)/log m` its entropy normalised by the m valid slots (0 when
+    m = 1). Computed in log space: a valid slot's log-weight is finite however small q."""
+    log_q = renormalised_logprobs(slot_logprobs.double() * prior_scale, mask)
+    q = log_q.exp().masked_fill(~mask, 0.0)
+    m = mask.sum(-1, keepdim=True).double()
+    entropy = -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1, keepdim=True)
+    h_n = torch.where(m > 1, entropy / m.clamp(min=2).log(), torch.zeros_like(m)).clamp(0, 1)
+    others = h_n.log() + log_q - math.log1p(beta)
+    first = (h_n * (q[..., :1] + beta) / (1.0 + beta) + (1.0 - h_n)).log()
+    return torch.cat([first, others[..., 1:]], dim=-1)
+
+
+def mixture_weight_logits(
     slot_logprobs: torch.Tensor,
     mask: torch.Tensor,
     weighting: str,
     *,
     concentration: float = 1.0,
     gumbel_temperature: float = 1.0,
+    gumbel_clamp: tuple[float, float] | None = None,
     blend_beta: float = 1.0,
+    blend_prior_scale: float = 1.0,
     generator: torch.Generator | None = None,
     weight_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mixture weights `w [B,k]` (float32): non-negative, zero on masked slots, sum 1.
+    """Weight logits `ω [B,k]` (float32): the weights are `w = softmax(ω)` over the valid
+    slots (`weights_from_logits`). ω is the log-weight up to a constant per row, drawn and
+    kept in log space, so a weight too small for float32 keeps its exact logarithm (the
+    densities of `likelihood.py` read ω, never w). Masked slots hold 0.
 
-    - `prob`: `p̃`, the probabilities renormalised over the valid slots.
-    - `dirichlet`: `w ~ Dir(concentration * p̃)` over the valid slots (drawn with
-      `generator`; explicit noise is not accepted).
-    - `gumbel`: `softmax((log p̃ + g) / gumbel_temperature)`, `g` Gumbel noise `[B,k]`
-      from `weight_noise` or drawn with `generator`.
-    - `uniform`: `1/m` on each of the m valid slots.
-    - `blend`: `(β p̃ + onehot_0) / (β + 1)`, β = `blend_beta`: the posterior mean of a
-      prior p̃ of weight β and one observation of slot 0 (Mixture of Inputs).
+    - `prob`: `ω = log p̃`, the log-probabilities renormalised over the valid slots.
+    - `dirichlet`: `w ~ Dir(concentration * p̃)` over the valid slots: ω the log Gamma draws
+      (float64, with `generator`; explicit noise is not accepted). Pass the mask through
+      `dirichlet_slot_mask` first.
+    - `gumbel`: `ω = (log p̃ + g) / gumbel_temperature`, `g` Gumbel noise `[B,k]` from
+      `weight_noise` or drawn with `generator`, clamped to `gumbel_clamp` when given
+      (SofT-GRPO's `[−1.5, 3]`).
+    - `uniform`: `ω = 0`: `1/m` on each of the m valid slots.
+    - `blend`: Mixture of Inputs' entropy-weighted posterior mean (`entropy_blend_logits`),
+      slot 0 the observed token.
     """
     check_choice("weighting", weighting, WEIGHTINGS)
     log_p = renormalised_logprobs(slot_logprobs.float(), mask)
     if weighting == "uniform":
-        return mask.float() / mask.sum(-1, keepdim=True)
-    if weighting == "blend":
-        first = torch.zeros_like(log_p)
-        first[:, 0] = 1.0
-        prior = log_p.exp().masked_fill(~mask, 0.0)
-        return ((blend_beta * prior + first) / (blend_beta + 1.0)).float()
-    if weighting == "prob":
+        logits = torch.zeros_like(log_p)
+    elif weighting == "blend":
+        logits = entropy_blend_logits(slot_logprobs, mask, blend_beta, blend_prior_scale)
+    elif weighting == "prob":
         logits = log_p
     elif weighting == "dirichlet":
         if weight_noise is not None:
             raise ValueError("weight noise applies to weighting='gumbel' only")
-        alpha = (concentration * log_p.exp()).masked_fill(~mask, 1.0)
-        logits = log_dirichlet_draw(alpha, generator).masked_fill(~mask, float("-inf"))
+        alpha = (concentration * log_p.double().exp()).masked_fill(~mask, 1.0)
+        logits = log_dirichlet_draw(alpha, generator)
     else:
         if weight_noise is None:
             weight_noise = gumbel_noise(
                 tuple(log_p.shape), device=log_p.device, generator=generator
             )
-        logits = (log_p + weight_noise.float()) / gumbel_temperature
-    return logits.softmax(-1).to(torch.float32).masked_fill(~mask, 0.0)
+        noise = weight_noise.float()
+        if gumbel_clamp is not None:
+            noise = noise.clamp(*gumbel_clamp)
+        logits = (log_p + noise) / gumbel_temperature
+    return logits.to(torch.float32).masked_fill(~mask, 0.0)
+
+
+def weights_from_logits(weight_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Weights `w [..., k]` (float32) = `softmax(ω)` over the valid slots, 0 on masked ones
+    (and on rows without a valid slot)."""
+    logits = weight_logits.float().masked_fill(~mask, float("-inf"))
+    top = logits.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    e = (logits - top).exp()
+    return e / e.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def log_weights_from_logits(weight_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`log w [..., k]` = `log_softmax(ω)` over the valid slots (−inf on masked ones), in the
+    logits' dtype or wider."""
+    logits = weight_logits.masked_fill(~mask, float("-inf"))
+    return logits - logits.logsumexp(-1, keepdim=True)
+
+
+def rest_logprob(scaled: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`log Σ_{v ∉ ids} p_v [B]`: the log-probability mass outside the ids (`scaled = z/τ
+    [B,V]`, `lse [B]` its logsumexp, `ids [B,k]`), summed without cancellation (−inf when
+    the ids cover every token of non-zero probability)."""
+    rest = scaled.float().scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return rest - lse
 
 
 def representative_slot(
-    weights: torch.Tensor,
+    weight_logits: torch.Tensor,
     mask: torch.Tensor,
     representative: str = "sample",
     *,
     generator: torch.Generator | None = None,
     token_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Slot index `[B]` (int64) of the representative token.
+    """Slot index `[B]` (int64) of the representative token, from the weight logits `[B,k]`.
 
-    `sample`: `y ~ Cat(w)` by Gumbel-max on `log w` (noise `[B,k]` from `token_noise` or
+    `sample`: `y ~ Cat(w)` by Gumbel-max on ω (noise `[B,k]` from `token_noise` or
     `generator`); `argmax`: the heaviest slot (lower slot first on ties); `first`: slot 0.
     """
     check_choice("representative", representative, REPRESENTATIVES)
     if representative == "first":
-        return torch.zeros(weights.shape[0], dtype=torch.int64, device=weights.device)
-    scores = weights.float().log().masked_fill(~mask, float("-inf"))
+        return torch.zeros(weight_logits.shape[0], dtype=torch.int64, device=mask.device)
+    scores = weight_logits.float().masked_fill(~mask, float("-inf"))
     if representative == "sample":
         if token_noise is None:
             token_noise = gumbel_noise(

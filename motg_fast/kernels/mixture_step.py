@@ -7,21 +7,27 @@ Math (per row; logits `z [V]`, temperature `τ`, embedding `E [V,H]`):
               repeats allowed (`iid`) | one draw y ~ p then the k−1 largest other z
               (`sample_topk`); ties: lower id first
     mask    = slots with p > 0 that pass the optional top_p / min_p filters (slot 0 always)
-    w       = `prob` p̃ (p renormalised over valid slots) | `dirichlet` Dir(c·p̃) |
-              `gumbel` softmax((log p̃ + g)/λ) | `uniform` 1/m | `blend`
-              (β p̃ + onehot_0)/(β + 1); zero on masked slots, sums to 1
-    y       = S[j], j ~ Cat(w) (`representative="sample"`), argmax w (`"argmax"`) or
-              slot 0 (`"first"`); the drawn slot j is returned as `token_slot`
+    ω       = weight logits, `w = softmax(ω)` over the valid slots (zero on masked ones):
+              `prob` log p̃ (p renormalised over valid slots) | `dirichlet` log Gamma
+              draws, w ~ Dir(c·p̃) | `gumbel` (log p̃ + g)/λ, g optionally clamped |
+              `uniform` 0 (w = 1/m) | `blend` Mixture of Inputs' log-weights; ω is drawn
+              and kept in log space, so a weight below float32's range keeps its exact
+              logarithm (the densities of `likelihood.py` read ω)
+    y       = S[j], j ~ Cat(w) (`representative="sample"`, Gumbel-max over ω), argmax ω
+              (`"argmax"`) or slot 0 (`"first"`); the drawn slot j is returned as `token_slot`
     e       = Σ_j w_j E[S_j]                             mixture embedding (next input)
     entropy = −Σ_v p_v log p_v
+    rest    = log Σ_{v ∉ S} p_v, the mass outside the ids, summed without cancellation
+              (only for `spec.needs_rest`: the Plackett–Luce likelihood of `sample`)
 With k = 1, `topk` is greedy decoding and `sample`, `iid` and `sample_topk` are
 multinomial sampling from p. (Gaussian soft tokens add σε to e outside this op:
 `gaussian.py`, applied by the engine.)
 
 Shapes: logits `[B,V]` (any float dtype, any row stride), embedding `[V,H]`; outputs
-ids `[B,k]` int64, weights `[B,k]` float32, mask `[B,k]` bool, token `[B]` int64,
-logprobs `[B,k]` float32 (−inf on slots with p = 0), logsumexp `[B]` float32 (of z/τ),
-entropy `[B]` float32, embeds `[B,H]` in the embedding's dtype. No backward: rollouts run
+ids `[B,k]` int64, weights and weight logits `[B,k]` float32, mask `[B,k]` bool, token
+`[B]` int64, logprobs `[B,k]` float32 (−inf on slots with p = 0), logsumexp `[B]` float32
+(of z/τ), entropy `[B]` float32, embeds `[B,H]` in the embedding's dtype, rest `[B]`
+float32 or None. No backward: rollouts run
 without gradients; training rebuilds inputs with `mixture_embed`.
 
 The sampling settings (k, τ, selection, weighting, filters, c, λ, representative) are one
@@ -49,11 +55,12 @@ Triton path (each logits row is read once; kernels below, launchers after them):
 - select (end of the row / merge kernel): the ids (`topk` / `sample`: the k keys sorted;
   `iid`: the draws in order, repeats allowed; `sample_topk`: y, then the k−1 best keys
   other than y), the k logits reloaded for `log p` at the ids, logsumexp, entropy, the
-  slot mask (top_p, min_p) and the `prob` / `gumbel` / `uniform` / `blend` weights.
-  `dirichlet` then draws its k weights in torch (`mixture_math.mixture_weights`, from
-  `generator`).
+  slot mask (top_p, min_p) and the `prob` / `gumbel` / `uniform` weight logits and
+  weights. `dirichlet` and `blend` then compute theirs in torch
+  (`mixture_math.mixture_weight_logits`; Dirichlet draws from `generator`), and `rest` is
+  a torch pass over the logits with the ids masked (only for `spec.needs_rest`).
 - embed (`_embed_token_kernel`, programs over rows × H blocks): the representative slot
-  (Gumbel-max over log w, argmax, or slot 0), stored with its token (the drawn slot: ids
+  (Gumbel-max over ω, argmax, or slot 0), stored with its token (the drawn slot: ids
   may repeat), and `e = Σ_j w_j E[S_j]` accumulated in float32 (float64 for a float64
   embedding), stored in the embedding's dtype.
 - noise: Gumbel(0, 1) from Philox keyed by one int64 seed per call (`_philox.py`: the
@@ -88,14 +95,17 @@ from ._step_scan import (
 from ._validation import check_float_matrix, check_logits_rows, check_same_device
 from .mixture_embed import mixture_embed_ref
 from .mixture_math import (
+    dirichlet_slot_mask,
     gumbel_noise,
     inverse_temperature,
-    mixture_weights,
+    mixture_weight_logits,
     representative_slot,
+    rest_logprob,
     select_candidates,
     select_iid,
     select_sample_topk,
     slot_mask,
+    weights_from_logits,
 )
 from .spec import RANDOM_SELECTIONS, MixtureSpec, check_k, spec_from_keywords
 
@@ -112,6 +122,8 @@ class MixtureStep(NamedTuple):
     entropy: torch.Tensor  # [B] float32 entropy of p
     embeds: torch.Tensor  # [B,H] mixture embedding, embedding dtype
     token_slot: torch.Tensor  # [B] int64 slot of `token` in `ids` (the drawn slot)
+    weight_logits: torch.Tensor  # [B,k] float32 ω: w = softmax(ω) over valid slots, 0 masked
+    rest_logprob: torch.Tensor | None  # [B] float32 log Σ_{v∉ids} p_v (spec.needs_rest)
 
 
 def full_distribution_stats(
@@ -145,23 +157,45 @@ def mixture_step_ref(
     ids = _select(logits, scaled, spec, noise.selection, generator)
     logprobs = scaled.gather(-1, ids) - lse.unsqueeze(-1)
     max_logprob = scaled.max(-1).values - lse
-    mask = slot_mask(logprobs, max_logprob, top_p=spec.top_p, min_p=spec.min_p)
-    weights = mixture_weights(
+    mask = slot_mask(
+        logprobs, max_logprob, top_p=spec.top_p, min_p=spec.min_p, top_p_mass=spec.top_p_mass
+    )
+    omega, mask = _weight_logits(logprobs, mask, spec, generator, noise.weight)
+    weights = weights_from_logits(omega, mask)
+    slot = representative_slot(
+        omega, mask, spec.representative, generator=generator, token_noise=noise.token
+    )
+    token = ids.gather(-1, slot.unsqueeze(-1)).squeeze(-1)
+    embeds = mixture_embed_ref(embedding, ids, weights)
+    rest = rest_logprob(scaled, lse, ids) if spec.needs_rest else None
+    return MixtureStep(ids, weights, mask, token, logprobs, lse, entropy, embeds, slot, omega, rest)
+
+
+def _weight_logits(
+    logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    spec: MixtureSpec,
+    generator: torch.Generator | None,
+    weight_noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(ω [B,k], mask [B,k])` of the spec's weighting, in torch (the reference's weights, and
+    the Triton path's `dirichlet` and `blend`); Dirichlet slots too small to draw are masked
+    (`dirichlet_slot_mask`)."""
+    if spec.weighting == "dirichlet":
+        mask = dirichlet_slot_mask(logprobs, mask, spec.concentration)
+    omega = mixture_weight_logits(
         logprobs,
         mask,
         spec.weighting,
         concentration=spec.concentration,
         gumbel_temperature=spec.gumbel_temperature,
+        gumbel_clamp=spec.gumbel_clamp,
         blend_beta=spec.blend_beta,
+        blend_prior_scale=spec.blend_prior_scale,
         generator=generator,
-        weight_noise=noise.weight,
+        weight_noise=weight_noise,
     )
-    slot = representative_slot(
-        weights, mask, spec.representative, generator=generator, token_noise=noise.token
-    )
-    token = ids.gather(-1, slot.unsqueeze(-1)).squeeze(-1)
-    embeds = mixture_embed_ref(embedding, ids, weights)
-    return MixtureStep(ids, weights, mask, token, logprobs, lse, entropy, embeds, slot)
+    return omega, mask
 
 
 def selection_noise_shape(spec: MixtureSpec, batch: int, vocab: int) -> tuple[int, ...]:
@@ -274,7 +308,7 @@ class _Plan(NamedTuple):
     """Per-call constants of the Triton step: constexpr codes and scalar arguments."""
 
     codes: dict  # constexpr switches shared by the scan/select kernels
-    scalars: dict  # 1/τ, top_p, log min_p, λ, β as the kernels name them
+    scalars: dict  # 1/τ, top_p, log min_p, λ, the noise clamp as the kernels name them
     token: int  # the embed kernel's TOKEN code (representative slot and its noise source)
     k_pad: int
 
@@ -288,12 +322,14 @@ def _noise_source(used: bool, given: torch.Tensor | None) -> int:
 def _make_plan(device: torch.device, spec: MixtureSpec, noise: StepNoise) -> _Plan:
     """Kernel codes and scalars of one step."""
     use_min_p = bool(spec.min_p)
+    clamp = spec.gumbel_clamp or (-math.inf, math.inf)
     codes = dict(
         SELECTION=SELECTION_CODES[spec.selection],
         SEL_NOISE=_noise_source(spec.selection in RANDOM_SELECTIONS, noise.selection),
         W_NOISE=_noise_source(spec.weighting == "gumbel", noise.weight),
         WEIGHTING=WEIGHTING_CODES[spec.weighting],
         USE_TOP_P=spec.top_p is not None,
+        TOP_P_SLOTS=spec.top_p_mass == "slots",
         USE_MIN_P=use_min_p,
         K_PAD=next_pow2(spec.k),
     )
@@ -302,7 +338,8 @@ def _make_plan(device: torch.device, spec: MixtureSpec, noise: StepNoise) -> _Pl
         top_p=float(spec.top_p) if spec.top_p is not None else 1.0,
         log_min_p=math.log(spec.min_p) if use_min_p else 0.0,
         gumbel_temperature=float(spec.gumbel_temperature),
-        blend_beta=float(spec.blend_beta),
+        gumbel_lo=clamp[0],
+        gumbel_hi=clamp[1],
     )
     token = {"argmax": TOKEN_ARGMAX, "first": TOKEN_FIRST}.get(spec.representative)
     if token is None:
@@ -321,6 +358,7 @@ def _select_outputs(batch: int, k: int, device: torch.device) -> dict:
     return dict(
         ids_ptr=torch.empty(batch, k, dtype=torch.int64, **on),
         weights_ptr=torch.empty(batch, k, dtype=torch.float32, **on),
+        w_logits_ptr=torch.empty(batch, k, dtype=torch.float32, **on),
         mask_ptr=torch.empty(batch, k, dtype=torch.bool, **on),
         logprobs_ptr=torch.empty(batch, k, dtype=torch.float32, **on),
         lse_ptr=torch.empty(batch, dtype=torch.float32, **on),
@@ -329,7 +367,7 @@ def _select_outputs(batch: int, k: int, device: torch.device) -> dict:
 
 
 def _launch_select(logits, k, plan, seed, noise, splits, block_v):
-    """Scan (+ merge) kernels: `(ids, weights, mask, logprobs, lse, entropy)`."""
+    """Scan (+ merge) kernels: `(ids, weights, weight logits, mask, logprobs, lse, entropy)`."""
     batch, vocab = logits.shape
     outs = _select_outputs(batch, k, logits.device)
     seed = seed if seed is not None else logits  # placeholders are never read
@@ -353,9 +391,11 @@ def _launch_select(logits, k, plan, seed, noise, splits, block_v):
         top_p=plan.scalars["top_p"],
         log_min_p=plan.scalars["log_min_p"],
         gumbel_temperature=plan.scalars["gumbel_temperature"],
-        blend_beta=plan.scalars["blend_beta"],
+        gumbel_lo=plan.scalars["gumbel_lo"],
+        gumbel_hi=plan.scalars["gumbel_hi"],
         WEIGHTING=plan.codes["WEIGHTING"],
         USE_TOP_P=plan.codes["USE_TOP_P"],
+        TOP_P_SLOTS=plan.codes["TOP_P_SLOTS"],
         USE_MIN_P=plan.codes["USE_MIN_P"],
         W_NOISE=plan.codes["W_NOISE"],
         weight_noise_ptr=weight_noise,
@@ -443,23 +483,27 @@ def mixture_step_triton(
     if vocab_splits is None:
         vocab_splits = split_count(batch, vocab, sm_count(device))
     with device_guard(device):
-        ids, weights, mask, logprobs, lse, entropy = _launch_select(
+        ids, weights, omega, mask, logprobs, lse, entropy = _launch_select(
             logits, spec.k, plan, seed, noise, vocab_splits, block_v
         )
-        if spec.weighting == "dirichlet":
-            weights = mixture_weights(
-                logprobs, mask, "dirichlet", concentration=spec.concentration, generator=generator
-            )
+        if spec.weighting in TORCH_WEIGHTINGS:
+            omega, mask = _weight_logits(logprobs, mask, spec, generator, None)
+            weights = weights_from_logits(omega, mask)
         token, slot, embeds = launch_embed(
             embedding,
             ids,
             weights,
+            omega,
             mask,
             seed=seed,
             token_noise=noise.token,
             token_source=plan.token,
         )
-    return MixtureStep(ids, weights, mask, token, logprobs, lse, entropy, embeds, slot)
+        rest = None
+        if spec.needs_rest:
+            scaled = logits.float() * inverse_temperature(spec.temperature)
+            rest = rest_logprob(scaled, lse, ids)
+    return MixtureStep(ids, weights, mask, token, logprobs, lse, entropy, embeds, slot, omega, rest)
 
 
 # --------------------------------------------------------------------------------------
@@ -468,6 +512,8 @@ def mixture_step_triton(
 
 # Modes of the spec the Triton kernels implement (today all of them); others run the reference.
 TRITON_SELECTIONS = ("topk", "sample", "iid", "sample_topk")
+# Weightings whose weight logits the Triton path computes in torch after the select stage.
+TORCH_WEIGHTINGS = ("dirichlet", "blend")
 TRITON_WEIGHTINGS = ("prob", "dirichlet", "gumbel", "uniform", "blend")
 TRITON_REPRESENTATIVES = ("sample", "argmax", "first")
 
@@ -519,7 +565,7 @@ def mixture_step(
 
     Returns:
         `MixtureStep(ids, weights, mask, token, logprobs, logsumexp, entropy, embeds,
-        token_slot)`.
+        token_slot, weight_logits, rest_logprob)`.
     """
     old_names = sorted(n for n in legacy if n in _LEGACY_NOISE)
     if old_names and (spec is not None or noise is not None):

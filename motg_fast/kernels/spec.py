@@ -12,14 +12,17 @@ The fields are the math of `mixture_step.py` (selection S, weights w, representa
   Thinking) or `sample_topk` (slot 0 is one draw y ~ p, slots 1…k−1 the k−1 most probable
   other tokens: Mixture of Inputs);
 - `weighting`: `prob` (p renormalised over the slots, p̃), `dirichlet` (Dir(c·p̃), c =
-  `concentration`), `gumbel` (softmax((log p̃ + g)/λ), λ = `gumbel_temperature`),
-  `uniform` (1/m over the m valid slots; a token drawn twice counts twice) or `blend`
-  (Mixture of Inputs' posterior mean `(β p̃ + onehot_0) / (β + 1)`, β = `blend_beta`:
-  β → 0 feeds back the sampled token alone);
+  `concentration`), `gumbel` (softmax((log p̃ + g)/λ), λ = `gumbel_temperature`, the
+  noise g optionally clamped to [`gumbel_noise_min`, `gumbel_noise_max`] as SofT-GRPO
+  does), `uniform` (1/m over the m valid slots; a token drawn twice counts twice) or
+  `blend` (Mixture of Inputs: `H_n (q + β e_0)/(1 + β) + (1 − H_n) e_0`, slot 0 the
+  sampled token, q the probabilities over the slots at `blend_temperature`, H_n their
+  entropy over log m, β = `blend_beta` the weight of the observed token);
 - `top_p`, `min_p`: filters on the k slots of a thinking step (a slot stays while the mass
-  of the slots before it is below `top_p`; `p_j ≥ min_p · max p`); they filter *mixture
-  slots*, so they need k ≥ 2, and the discrete answer phase of a run samples from the full
-  distribution (`answer_spec`);
+  of the slots before it is below `top_p`, the mass under the full distribution or, with
+  `top_p_mass="slots"`, renormalised over the k slots; `p_j ≥ min_p · max p`); they
+  filter *mixture slots*, so they need k ≥ 2, and the discrete answer phase of a run
+  samples from the full distribution (`answer_spec`);
 - `representative`: `sample` (y ~ Cat(w)), `argmax` (the heaviest slot) or `first` (slot 0);
 - `noise_std`: σ of Gaussian noise added to the mixture embedding of a thinking step,
   `x = Σ_j w_j E[S_j] + σ ε`, ε ~ N(0, I_H) from a counter-based seed (Soft Tokens, Hard
@@ -43,7 +46,8 @@ from typing import Any
 SELECTIONS = ("topk", "sample", "iid", "sample_topk")
 WEIGHTINGS = ("prob", "dirichlet", "gumbel", "uniform", "blend")
 REPRESENTATIVES = ("sample", "argmax", "first")
-LIKELIHOODS = ("token", "weighted", "exact")
+LIKELIHOODS = ("token", "weighted", "exact", "clamped_gumbel")
+TOP_P_MASSES = ("vocab", "slots")
 RANDOM_SELECTIONS = ("sample", "iid", "sample_topk")  # S is drawn, not fixed by the logits
 RANDOM_WEIGHTINGS = ("dirichlet", "gumbel")  # w is drawn given S
 
@@ -93,15 +97,31 @@ class MixtureSpec:
     selection: str = _field("topk", "candidate selection", choices=SELECTIONS)
     weighting: str = _field("prob", "mixture weights", choices=WEIGHTINGS)
     top_p: float | None = _field(None, "nucleus filter on the k mixture slots (needs k >= 2)")
+    top_p_mass: str = _field(
+        "vocab",
+        "top_p's mass: under the full distribution or renormalised over the k slots",
+        choices=TOP_P_MASSES,
+    )
     min_p: float | None = _field(None, "min-p filter on the k mixture slots (needs k >= 2)")
     concentration: float = _field(1.0, "Dirichlet concentration c (weighting=dirichlet)")
     gumbel_temperature: float = _field(1.0, "Gumbel-softmax temperature λ (weighting=gumbel)")
+    gumbel_noise_min: float | None = _field(
+        None, "clamp the Gumbel weight noise from below (SofT-GRPO: -1.5; none: off)"
+    )
+    gumbel_noise_max: float | None = _field(
+        None, "clamp the Gumbel weight noise from above (SofT-GRPO: 3; none: off)"
+    )
     representative: str = _field(
         "sample",
         "representative token: sample from w, argmax of w, or first (slot 0)",
         choices=REPRESENTATIVES,
     )
-    blend_beta: float = _field(1.0, "Mixture of Inputs' β (weighting=blend)")
+    blend_beta: float = _field(
+        1.0, "Mixture of Inputs' β, the weight of the observed token (weighting=blend)"
+    )
+    blend_temperature: float | None = _field(
+        None, "temperature of Mixture of Inputs' prior over the slots (none: the step's τ)"
+    )
     noise_std: float = _field(
         0.0, "σ of Gaussian noise on the thinking-step input embedding (0: off)"
     )
@@ -116,11 +136,15 @@ class MixtureSpec:
         check_choice("selection", self.selection, SELECTIONS)
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("representative", self.representative, REPRESENTATIVES)
+        check_choice("top_p_mass", self.top_p_mass, TOP_P_MASSES)
         check_probability("top_p", self.top_p, allow_zero=False)
         check_probability("min_p", self.min_p, allow_zero=True)
         check_positive("concentration", self.concentration)
         check_positive("gumbel_temperature", self.gumbel_temperature)
         check_positive("blend_beta", self.blend_beta)
+        if self.blend_temperature is not None:
+            check_positive("blend_temperature", self.blend_temperature)
+        self._check_gumbel_clamp()
         if not (
             _is_number(self.noise_std) and math.isfinite(self.noise_std) and self.noise_std >= 0
         ):
@@ -144,7 +168,38 @@ class MixtureSpec:
                 "is one slot and they would do nothing: use k >= 2 or leave them unset"
             )
 
+    def _check_gumbel_clamp(self) -> None:
+        bounds = (self.gumbel_noise_min, self.gumbel_noise_max)
+        for name, value in zip(("gumbel_noise_min", "gumbel_noise_max"), bounds):
+            if value is not None and not (_is_number(value) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number or none, got {value!r}")
+        if None not in bounds and bounds[0] >= bounds[1]:
+            raise ValueError(f"gumbel_noise_min must be below gumbel_noise_max, got {bounds}")
+        if bounds != (None, None) and self.weighting != "gumbel":
+            raise ValueError("gumbel_noise_min/max clamp the noise of weighting='gumbel' only")
+
     # ---- derived properties -----------------------------------------------------------
+
+    @property
+    def gumbel_clamp(self) -> tuple[float, float] | None:
+        """`(low, high)` bounds of the Gumbel weight noise (±inf where unset); None: off."""
+        if self.gumbel_noise_min is None and self.gumbel_noise_max is None:
+            return None
+        low = -math.inf if self.gumbel_noise_min is None else float(self.gumbel_noise_min)
+        high = math.inf if self.gumbel_noise_max is None else float(self.gumbel_noise_max)
+        return low, high
+
+    @property
+    def blend_prior_scale(self) -> float:
+        """τ / τ_prior: turns log-probs at τ into the blend prior's temperature."""
+        prior = self.temperature if self.blend_temperature is None else self.blend_temperature
+        return float(self.temperature) / float(prior)
+
+    @property
+    def needs_rest(self) -> bool:
+        """Whether the exact likelihood needs the probability mass outside the ids
+        (Plackett–Luce of `sample` with k ≥ 2): `mixture_logprobs(..., return_rest=True)`."""
+        return self.selection == "sample" and self.k > 1
 
     @property
     def is_discrete(self) -> bool:
@@ -186,21 +241,40 @@ class MixtureSpec:
     def likelihoods(self) -> tuple[str, ...]:
         """The `action_logprob` likelihoods defined for actions of this spec.
 
-        `exact` needs a random part: `topk` + `prob` with an argmax token has none.
+        `exact` needs a random part (`topk` + `prob` with an argmax token has none) and a
+        density (clamped Gumbel noise has none); `clamped_gumbel`, SofT-GRPO's proxy, needs
+        `weighting="gumbel"`.
         """
-        no_exact = self._fixed_mixture and self.representative != "sample"
-        return ("token", "weighted") if no_exact else LIKELIHOODS
+        names = ["token", "weighted"]
+        fixed = self._fixed_mixture and self.representative != "sample"
+        if not fixed and self.gumbel_clamp is None:
+            names.append("exact")
+        if self.weighting == "gumbel":
+            names.append("clamped_gumbel")
+        return tuple(names)
 
     def check_likelihood(self, likelihood: str) -> None:
         """Raise a one-line error when `likelihood` is unknown or undefined for this spec."""
         check_choice("likelihood", likelihood, LIKELIHOODS)
-        if likelihood not in self.likelihoods:
+        if likelihood in self.likelihoods:
+            return
+        if likelihood == "clamped_gumbel":
             raise ValueError(
-                f"likelihood='exact' is undefined for selection='{self.selection}', "
-                f"weighting='{self.weighting}' and representative='{self.representative}': "
-                "the action is a deterministic function of the logits. Use a random "
-                "selection, weighting or representative, or likelihood='token'/'weighted'."
+                "likelihood='clamped_gumbel' (SofT-GRPO's proxy) scores Gumbel weight noise: "
+                f"it needs weighting='gumbel', got {self.weighting!r}"
             )
+        if self.gumbel_clamp is not None:
+            raise ValueError(
+                "likelihood='exact' is undefined with clamped Gumbel noise (the weights then "
+                "have no density): unset gumbel_noise_min/max, or use "
+                "likelihood='clamped_gumbel' (SofT-GRPO's proxy)"
+            )
+        raise ValueError(
+            f"likelihood='exact' is undefined for selection='{self.selection}', "
+            f"weighting='{self.weighting}' and representative='{self.representative}': "
+            "the action is a deterministic function of the logits. Use a random "
+            "selection, weighting or representative, or likelihood='token'/'weighted'."
+        )
 
     def answer_spec(self) -> MixtureSpec:
         """The spec of a discrete answer-phase step of a mixture run: one token sampled from
@@ -244,11 +318,13 @@ class MixtureSpec:
 
 @dataclass(frozen=True)
 class Method:
-    """A published mixture-of-tokens method as spec values and the likelihood we train with."""
+    """A published mixture-of-tokens method: the spec values its authors ran, the likelihood
+    we train it with, and training settings of its own (docs/methods.md cites each value)."""
 
     fields: dict  # MixtureSpec fields (the rest keep their defaults)
     likelihood: str
     source: str  # the paper
+    training: dict = dataclasses.field(default_factory=dict)  # trainer settings it implies
 
     @property
     def spec(self) -> MixtureSpec:
@@ -257,22 +333,27 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "discrete": Method(
-        dict(k=1, temperature=0.9, selection="sample"), "token", "standard GRPO (one token)"
+        dict(k=1, temperature=0.9, selection="sample"),
+        "token",
+        "standard GRPO (one token), the baseline of Jain & Rappazzo (arXiv 2509.21482)",
     ),
     "soft_thinking": Method(
         dict(
-            k=8,
-            temperature=0.9,
+            k=10,
+            temperature=0.6,
             selection="topk",
             weighting="prob",
-            cold_stop_entropy=0.1,
-            cold_stop_steps=16,
+            top_p=0.95,
+            min_p=0.001,
+            representative="argmax",
+            cold_stop_entropy=0.01,
+            cold_stop_steps=256,
         ),
-        "exact",
+        "token",  # deterministic thinking steps: no exact likelihood exists
         "Soft Thinking (Zhang et al., arXiv 2505.15778)",
     ),
     "paper_dirichlet": Method(
-        dict(k=2, temperature=0.9, selection="topk", weighting="dirichlet"),
+        dict(k=2, temperature=0.9, selection="topk", weighting="dirichlet", concentration=1.0),
         "exact",
         "MoT-G, Dirichlet (Jain & Rappazzo, arXiv 2509.21482)",
     ),
@@ -282,22 +363,35 @@ METHODS: dict[str, Method] = {
         "MoT-G, different tokens (Jain & Rappazzo, arXiv 2509.21482)",
     ),
     "softgrpo": Method(
-        dict(k=4, temperature=0.9, selection="topk", weighting="gumbel", gumbel_temperature=0.5),
-        "exact",
-        "SofT-GRPO (Zheng et al., arXiv 2511.06411)",
+        dict(
+            k=5,
+            temperature=1.0,
+            selection="topk",
+            weighting="gumbel",
+            gumbel_temperature=0.1,
+            gumbel_noise_min=-1.5,
+            gumbel_noise_max=3.0,
+            top_p=0.95,
+            top_p_mass="slots",
+            representative="argmax",
+        ),
+        "clamped_gumbel",  # its own proxy: clamped noise has no density
+        "SofT-GRPO (Zheng & Lee, arXiv 2511.06411)",
     ),
     "multiplex": Method(
-        dict(k=3, temperature=0.9, selection="iid", weighting="uniform"),
+        dict(k=3, temperature=1.0, selection="iid", weighting="prob", representative="first"),
         "exact",
         "Multiplex Thinking (Tang et al., arXiv 2601.08808)",
+        training=dict(clip_per_slot=True),
     ),
     "moi": Method(
         dict(
-            k=4,
-            temperature=0.9,
+            k=20,
+            temperature=0.6,
             selection="sample_topk",
             weighting="blend",
             blend_beta=1.0,
+            blend_temperature=1.0,
             representative="first",
         ),
         "exact",
@@ -305,8 +399,8 @@ METHODS: dict[str, Method] = {
     ),
     "soft_tokens": Method(
         dict(
-            k=8,
-            temperature=0.9,
+            k=64,
+            temperature=0.5,
             selection="topk",
             weighting="prob",
             noise_std=0.05,
@@ -316,7 +410,8 @@ METHODS: dict[str, Method] = {
         "Soft Tokens, Hard Truths (Butt et al., arXiv 2509.19170)",
     ),
 }
-"""`--method NAME`: each sets the spec fields above (and the likelihood) before explicit flags."""
+"""`--method NAME`: each sets the spec fields above, the likelihood and its training settings
+before explicit flags. docs/methods.md gives each value's source and every difference."""
 
 
 def spec_from_keywords(op: str, spec: MixtureSpec | None, legacy: dict) -> MixtureSpec:
