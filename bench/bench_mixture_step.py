@@ -21,8 +21,13 @@ import functools
 import pytest
 import torch
 
-from motg_fast.kernels import MixtureSpec, mixture_step, mixture_step_ref
-from motg_fast.kernels._backend import HAS_TRITON, triton_interpreter_on
+from motg_fast.kernels import (
+    HAS_TRITON,
+    MixtureSpec,
+    mixture_step,
+    mixture_step_ref,
+    triton_interpreter_on,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

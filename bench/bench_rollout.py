@@ -30,20 +30,17 @@ the end.
 from __future__ import annotations
 
 import math
-import sys
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 from transformers import DynamicCache, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from motg_fast.engine import RolloutEngine  # noqa: E402
-from motg_fast.kernels import MixtureSpec  # noqa: E402
-from motg_fast.models import model_load_kwargs  # noqa: E402
-from tiny_models import (  # noqa: E402
+from motg_fast.kernels import MixtureSpec
+from motg_fast.models import model_load_kwargs
+from motg_fast.rollout.engine import RolloutEngine
+from motg_fast.testing import (
     SteeredLM,
     qwen25_1p5b_config,
     tiny_qwen2,

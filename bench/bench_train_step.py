@@ -22,23 +22,18 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from bench_rollout import left_pad, naive_mixture_rollout, qwen25_1p5b_config
 from transformers import Qwen2ForCausalLM
 
-from bench_rollout import left_pad, naive_mixture_rollout, qwen25_1p5b_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from motg_fast.config import Config  # noqa: E402
-from motg_fast.grpo import group_advantages  # noqa: E402
-from motg_fast.prompting import build_prompts  # noqa: E402
-from motg_fast.trainer import Trainer  # noqa: E402
-from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
-from toy_task import ToyTasks, letter_reward  # noqa: E402
+from motg_fast.config import Config
+from motg_fast.tasks.prompting import build_prompts
+from motg_fast.testing import ToyTasks, letter_reward, tiny_qwen2, tiny_tokenizer
+from motg_fast.training.grpo import group_advantages
+from motg_fast.training.trainer import Trainer
 
 HAS_CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.9
@@ -119,7 +114,7 @@ class Setup:
             reward_fn=letter_reward,
         )
         self.trainer.engine.eos_token_ids = []
-        question = self.trainer._step_items(0)[0][0].question
+        question = self.trainer.step_items(0)[0][0].question
         self.prompts = [
             p.ids for p in build_prompts(tokenizer, [question], system_prompt="Answer.")
         ]

@@ -20,7 +20,6 @@ tokens.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -29,15 +28,12 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from transformers import Qwen2ForCausalLM, TrainerCallback  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from datasets import Dataset
+from transformers import Qwen2ForCausalLM, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
 
-from bench_rollout import qwen25_1p5b_config  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from motg_fast.integrations.trl import MixtureGRPOConfig, MixtureGRPOTrainer  # noqa: E402
-from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
+from motg_fast.integrations.trl import MixtureGRPOConfig, MixtureGRPOTrainer
+from motg_fast.testing import qwen25_1p5b_config, tiny_qwen2, tiny_tokenizer
 
 HAS_CUDA = torch.cuda.is_available()
 STEPS = 3

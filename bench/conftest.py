@@ -1,6 +1,6 @@
-"""Benchmark setup: the same environment as the tests (see tests/testing_env.py)."""
+"""Benchmark setup: the same environment as the tests (`motg_fast.testing`)."""
 
-from testing_env import configure_environment, skip_gpu_tests
+from motg_fast.testing import configure_environment, skip_gpu_tests
 
 configure_environment()  # before any Triton kernel is defined
 

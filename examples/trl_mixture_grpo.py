@@ -31,9 +31,9 @@ from transformers import HfArgumentParser
 
 from motg_fast.integrations.trl import MixtureGRPOConfig, MixtureGRPOTrainer
 from motg_fast.models import DEFAULT_MODEL, load_model, load_tokenizer
-from motg_fast.prompting import SYSTEM_PROMPT, prompt_text
-from motg_fast.rewards import RewardWeights, score_items
-from motg_fast.tasks import TaskSet, build_tasks
+from motg_fast.tasks.prompting import SYSTEM_PROMPT, prompt_text
+from motg_fast.tasks.reasoning_gym import TaskSet, build_tasks
+from motg_fast.tasks.rewards import RewardWeights, score_items
 
 
 @dataclass
@@ -93,7 +93,7 @@ def reasoning_gym_reward(task_set: TaskSet, weights: RewardWeights | None = None
     def reasoning_gym(completions, task, index, log_metric=None, **kwargs) -> list[float]:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
         items = [task_set.tasks[name].item(i) for name, i in zip(task, index, strict=True)]
-        results = score_items(texts, items, task_set, weights)
+        results = score_items(texts, items, weights)
         if log_metric is not None:
             log_metric("accuracy", sum(r.correct for r in results) / len(results))
         return [r.reward for r in results]

@@ -1,12 +1,15 @@
-"""Command lines generated from the config dataclass, with transformers' ``HfArgumentParser``.
+"""Command lines generated from the config parts, with transformers' ``HfArgumentParser``.
 
-Every field of :class:`~motg_fast.config.Config` is a ``--name`` flag (``--name-with-dashes``
-too) with the field's type, default and help text, as TRL's scripts do: ``X | None`` takes
-``none`` for None; a ``bool`` takes ``--name``, ``--name false`` or ``--no_name``/``--no-name``;
-a list takes several values (``--betas 0.9 0.99``). :func:`parse_config` resolves, in order:
-the dataclass defaults, ``--config FILE`` (a YAML or JSON file of ``field: value``, e.g. a
-saved ``config.json``), ``--preset NAME``, then the explicit flags. A bad flag or value is one
-``error: …`` line (exit 2); :func:`run_cli` does the same for a command's expected errors.
+A command names the parts it uses (:data:`motg_fast.config.PARTS`) and any dataclass of its
+own options; every field of those is a ``--name`` flag (``--name-with-dashes`` too) with the
+field's type, default and help text, as TRL's scripts do: ``X | None`` takes ``none`` for
+None; a ``bool`` takes ``--name``, ``--name false`` or ``--no_name``; a list takes several
+values (``--betas 0.9 0.99``). :func:`parse_config` resolves, in order: the defaults,
+``--config FILE`` (a YAML or JSON file of ``field: value``, e.g. a saved ``config.json``),
+``--preset NAME``, ``--method NAME``, then the explicit flags; values of the first three for
+fields of parts the command does not use are ignored. Each part is validated when parsed: a
+bad flag or value is one ``error: …`` line (exit 2); :func:`run_cli` does the same for a
+command's expected errors.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .config import PRESETS, Config, method_values, read_config_file
+from .config import FIELD_PART, PARTS, Config
 from .kernels.spec import METHODS
+from .presets import PRESETS, method_values, read_config_file
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, the description (with its examples) printed as written."""
 
 
 class _OneLineParser(HfArgumentParser):
@@ -39,27 +47,33 @@ def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _optional_fields(config_cls: type) -> set[str]:
+def _optional_fields(classes: Sequence[type]) -> set[str]:
     """Names of the fields typed ``X | None``."""
-    hints = typing.get_type_hints(config_cls)
     optional = set()
-    for name, hint in hints.items():
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        if union and type(None) in typing.get_args(hint):
-            optional.add(name)
+    for cls in classes:
+        for name, hint in typing.get_type_hints(cls).items():
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            if union and type(None) in typing.get_args(hint):
+                optional.add(name)
     return optional
 
 
 def build_parser(
-    config_cls: type = Config,
+    classes: Sequence[type],
     presets: Mapping[str, Mapping[str, Any]] = PRESETS,
     *,
     prog: str | None = None,
     description: str | None = None,
 ) -> HfArgumentParser:
-    """The parser: one flag per field of ``config_cls`` plus ``--preset`` and ``--config``."""
-    parser = _OneLineParser(config_cls, prog=prog, description=description)
-    optional = _optional_fields(config_cls)
+    """The parser: one flag per field of ``classes`` plus ``--preset`` and ``--config``."""
+    parser = _OneLineParser(
+        list(classes),
+        prog=prog,
+        usage="%(prog)s [options]",  # the description's examples come right after it
+        description=description,
+        formatter_class=_Formatter,
+    )
+    optional = _optional_fields(classes)
     for action in parser._actions:
         if action.dest in optional and action.type is not None:
             action.type = _none_or(action.type)
@@ -102,26 +116,30 @@ def _file_and_preset(
 def parse_config(
     argv: Sequence[str] | None = None,
     *,
-    config_cls: type = Config,
+    parts: Sequence[str] = tuple(PARTS),
+    extras: Sequence[type] = (),
     presets: Mapping[str, Mapping[str, Any]] = PRESETS,
     prog: str | None = None,
     description: str | None = None,
 ) -> Any:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into a config (not yet validated)."""
+    """Parse ``argv`` (default ``sys.argv[1:]``) into a :class:`Config` of ``parts`` (and,
+    with ``extras``, ``(config, *extra objects)``), every part validated."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(config_cls, presets, prog=prog, description=description)
+    classes = [PARTS[name] for name in parts] + list(extras)
+    parser = build_parser(classes, presets, prog=prog, description=description)
     values = _file_and_preset(parser, argv, presets)
     names = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names - set(FIELD_PART))
     if unknown:
         raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
-    parser.set_defaults(**values)
-    config, _, unknown_flags = parser.parse_args_into_dataclasses(
+    parser.set_defaults(**{k: v for k, v in values.items() if k in names})
+    *objects, _, unknown_flags = parser.parse_args_into_dataclasses(  # _: --preset, --config
         argv, return_remaining_strings=True
     )
     if unknown_flags:
         parser.error(f"unrecognized arguments: {' '.join(unknown_flags)}")
-    return config
+    config = Config.of(**dict(zip(parts, objects[: len(parts)], strict=True)))
+    return (config, *objects[len(parts) :]) if extras else config
 
 
 def quiet_transformers() -> None:

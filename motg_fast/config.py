@@ -1,35 +1,40 @@
-"""The one run configuration of motg_fast: model, tasks, decoding, evaluation and training.
+"""A run's configuration in parts: model, task, decoding, evaluation, training and run.
 
-Every command line (``python -m motg_fast.evaluate``, the trainer's) is generated from
-:class:`Config` by :func:`motg_fast.cli.parse_config` (transformers' ``HfArgumentParser``): one
-``--flag`` per field with the field's type, default and help text. ``--config FILE`` (YAML or
-JSON) and ``--preset NAME`` (one of :data:`PRESETS`) apply before the explicit flags. Every run
-writes its resolved config (:meth:`Config.save`).
+Each part is a dataclass validated when it is built (one-line ``ValueError`` naming the
+field); :class:`Config` holds the parts a job uses, checks what spans parts (the likelihood
+against the decoding spec, per-slot clipping), and reads flat (``config.lr`` is
+``config.part("training").lr``). Each command parses only its parts (:mod:`motg_fast.cli`):
+train all six, evaluate model + task + decoding + evaluation, compare everything but the
+run part, which it sets per run.
 
-The sampling settings of a thinking step are the fields of
-:class:`~motg_fast.kernels.MixtureSpec`, added to :class:`Config` from the spec itself (flat, so
-the flags are ``--k``, ``--temperature``, …); :attr:`Config.spec` builds the spec. A new spec
-field is a new flag, a saved value and a check with no change here.
+The decoding part holds every field of :class:`~motg_fast.kernels.MixtureSpec` (flat, so the
+flags are ``--k``, ``--temperature``, …); :attr:`DecodingConfig.spec` builds the spec. A new
+spec field is a new flag, a saved value and a check with no change here.
+
+A run writes its resolved config as one flat JSON object (:meth:`Config.save`); older
+``config.json`` files load too (retired fields are dropped).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .grpo import ADVANTAGE_SCALINGS, AGGREGATIONS
+from .files import write_text_atomic
 from .kernels import LIKELIHOODS, MixtureSpec
-from .kernels.spec import METHODS
+from .kernels.spec import METHODS, check_choice
 from .models import DEFAULT_MODEL
-from .prompting import ARITHMETIC_SYSTEM_PROMPT, SYSTEM_PROMPT
+from .presets import read_config_file
+from .tasks.prompting import ARITHMETIC_SYSTEM_PROMPT
+from .training.grpo import ADVANTAGE_SCALINGS, AGGREGATIONS
 
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+FINAL_EVALS = ("before_after", "after", "none")
+OLD_LOGPROBS = ("auto", "rollout", "forward")
 
 
 def _f(default: Any, help: str, **kwargs) -> Any:
@@ -38,6 +43,110 @@ def _f(default: Any, help: str, **kwargs) -> Any:
         value = default
         return field(default_factory=lambda: value, metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
+
+
+# The smallest value of each bounded field (integers unless the field is a float).
+MINIMUMS: dict[str, int] = {
+    **dict.fromkeys(("max_new_tokens", "max_prompt_tokens", "eval_samples", "steps", "mu"), 1),
+    **dict.fromkeys(("eval_questions", "eval_batch_size", "prompts_per_step", "grad_accum"), 1),
+    **dict.fromkeys(("log_every",), 1),
+    **dict.fromkeys(("weight_decay", "beta", "eps_low", "eps_high", "eval_every"), 0),
+    **dict.fromkeys(("save_every", "keep_checkpoints", "rollout_batch_prompts", "token_budget"), 0),
+    "dataset_size": 2,
+    "group_size": 2,
+}
+
+
+def _check_fields(part: Any) -> None:
+    """Choices of every field, then the bounds of :data:`MINIMUMS`."""
+    for f in dataclasses.fields(part):
+        value = getattr(part, f.name)
+        if "choices" in f.metadata:
+            check_choice(f.name, value, tuple(f.metadata["choices"]))
+        low = MINIMUMS.get(f.name)
+        if low is not None:
+            integer = f.type in ("int", int)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+            if not ok or (integer and not isinstance(value, int)):
+                kind = "an integer" if integer else "a number"
+                raise ValueError(f"{f.name} must be {kind} >= {low}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model, in which dtype, on which device."""
+
+    model: str = _f(
+        DEFAULT_MODEL,
+        "model: the embedded default, a local dir/checkpoint, or a cached Hugging Face id",
+    )
+    dtype: str = _f(
+        "auto",
+        "weights dtype (auto: bf16 on CUDA and fp32 on CPU for evaluation; training keeps "
+        "fp32 weights and runs under bf16 autocast on CUDA)",
+        choices=DTYPES,
+    )
+    device: str = _f("auto", "device: auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    attn_implementation: str | None = _f(
+        None, "attention (default: flash_attention_2 on CUDA when installed, else sdpa)"
+    )
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass
+class TaskConfig:
+    """The tasks, their split, the prompt and the reward."""
+
+    tasks: str = _f(
+        "basic_arithmetic",
+        "Reasoning Gym tasks with optional weights, e.g. 'acre:2,syllogism', or a preset name: "
+        "'paper' (its ten tasks)",
+    )
+    task_options: str = _f(
+        '{"*": {"difficulty": 0}}',
+        'JSON of per-task dataset options, e.g. \'{"leg_counting": {"max_animals": 3}}\'; '
+        '"*" applies to every task; "difficulty" is a curriculum level (0 = easiest)',
+    )
+    dataset_size: int = _f(10_000, "items generated per task (train + held out)")
+    heldout_fraction: float = _f(0.01, "fraction of each task's items held out for evaluation")
+    seed: int = _f(42, "seed of the datasets, of prompt sampling and of decoding")
+    system_prompt: str = _f(
+        ARITHMETIC_SYSTEM_PROMPT,
+        "system prompt asking for <think>/<answer> (the default shows three worked examples of "
+        "the default task: give other tasks a prompt of their own)",
+    )
+    max_prompt_tokens: int = _f(512, "prompt length limit (longer questions are cut in the middle)")
+    reward_correctness: float = _f(2.0, "weight of the answer's score in the reward")
+    reward_think: float = _f(
+        0.0, "reward for closing </think> exactly once (a run can collect it with no answer)"
+    )
+    reward_format: float = _f(
+        0.25,
+        "reward for exactly one <answer>…</answer> ending the text (kept below a correct "
+        "answer's, so format alone never pays most)",
+    )
+    reward_partial_credit: bool = _f(True, "use Reasoning Gym's partial scores (else only 1/0)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        from .tasks.reasoning_gym import check_tasks
+
+        check_tasks(self.tasks, self.task_options)
+
+    def reward_weights(self):
+        """The :class:`~motg_fast.tasks.rewards.RewardWeights` of this part."""
+        from .tasks.rewards import RewardWeights
+
+        return RewardWeights(
+            correctness=self.reward_correctness,
+            think=self.reward_think,
+            format=self.reward_format,
+            partial_credit=self.reward_partial_credit,
+        )
 
 
 def _with_spec_fields(after: str, **defaults: Any):
@@ -63,66 +172,48 @@ def _with_spec_fields(after: str, **defaults: Any):
 
 
 @dataclass
-@_with_spec_fields(after="system_prompt", k=2, temperature=0.9)
-class Config:
-    """All options of a run. Defaults: the embedded SmolLM2-135M on easy ``basic_arithmetic``."""
+@_with_spec_fields(after="method", k=2, temperature=0.9)
+class DecodingConfig:
+    """How a thinking step samples (the `MixtureSpec` fields) and how long completions run."""
 
-    # --- model -------------------------------------------------------------------------
-    model: str = _f(
-        DEFAULT_MODEL,
-        "model: the embedded default, a local dir/checkpoint, or a cached Hugging Face id",
-    )
-    dtype: str = _f(
-        "auto",
-        "weights dtype (auto: bf16 on CUDA and fp32 on CPU for evaluation; training keeps "
-        "fp32 weights and runs under bf16 autocast on CUDA)",
-        choices=DTYPES,
-    )
-    device: str = _f("auto", "device: auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    attn_implementation: str | None = _f(
-        None, "attention (default: flash_attention_2 on CUDA when installed, else sdpa)"
-    )
-
-    # --- tasks -------------------------------------------------------------------------
-    tasks: str = _f(
-        "basic_arithmetic",
-        "Reasoning Gym tasks with optional weights, e.g. "
-        "'acre:2,syllogism', or a preset name: 'paper' (its ten tasks)",
-    )
-    task_options: str = _f(
-        '{"*": {"difficulty": 0}}',
-        "JSON of per-task dataset options, e.g. "
-        '\'{"leg_counting": {"max_animals": 3}}\'; "*" applies to every task; '
-        '"difficulty" is a curriculum level (0 = easiest)',
-    )
-    dataset_size: int = _f(10_000, "items generated per task (train + held out)")
-    heldout_fraction: float = _f(0.01, "fraction of each task's items held out for evaluation")
-    seed: int = _f(42, "seed of the datasets, of prompt sampling and of decoding")
-    system_prompt: str = _f(
-        ARITHMETIC_SYSTEM_PROMPT,
-        "system prompt asking for <think>/<answer> (the default shows three worked examples of "
-        "the default task: give other tasks a prompt of their own)",
-    )
-
-    # --- decoding: the MixtureSpec fields (k = 2, τ = 0.9, ...) are inserted here --------
     method: str | None = _f(
         None,
-        "a published method, setting the spec fields and the likelihood before explicit "
-        f"flags: {', '.join(METHODS)}",
+        "a published method, setting the spec fields, the likelihood and its training settings "
+        f"before explicit flags: {', '.join(METHODS)}",
+        choices=(None, *METHODS),
     )
-    max_prompt_tokens: int = _f(512, "prompt length limit (longer questions are cut in the middle)")
     max_new_tokens: int = _f(32, "completion length limit (the default task needs few)")
 
-    # --- evaluation --------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        self.spec  # noqa: B018 - the spec checks its own fields
+
+    @property
+    def spec(self) -> MixtureSpec:
+        """The :class:`MixtureSpec` of a thinking step."""
+        return MixtureSpec.from_mapping(self)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: how many questions and samples, how they are batched and kept."""
+
     eval_samples: int = _f(4, "sampled completions per question (pass@k uses all of them)")
     eval_questions: int = _f(64, "held-out questions per task (at most the held-out count)")
     eval_batch_size: int = _f(64, "questions per generation batch")
-    eval_output: str | None = _f(None, "evaluation JSON path (default: <run_dir>/eval.json)")
     eval_save_completions: bool = _f(
         True, "store the text of every completion in the evaluation JSON (scores always are)"
     )
+    progress: bool = _f(True, "show progress bars")
 
-    # --- training ----------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass
+class TrainingConfig:
+    """GRPO: groups, optimisation, the likelihood and the loss."""
+
     group_size: int = _f(8, "G: trajectories per prompt")
     prompts_per_step: int = _f(4, "prompts per step (per process)")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -130,11 +221,6 @@ class Config:
         0, "prompts per generation call (0: all of a step's prompts at once)"
     )
     steps: int = _f(10, "training steps (the default job fits 10 minutes on 2 CPU cores)")
-    token_budget: int = _f(
-        0,
-        "stop once the rollouts have generated this many tokens in all (0: no limit; "
-        "steps stays the cap); python -m motg_fast.compare matches arms with it",
-    )
     lr: float = _f(2e-5, "AdamW learning rate")
     betas: list[float] = _f((0.9, 0.99), "AdamW betas (two numbers)")
     weight_decay: float = _f(0.1, "AdamW weight decay")
@@ -154,36 +240,12 @@ class Config:
         "old log-likelihoods with mu = 1: from the rollout (no extra forward), from a no-grad "
         "training forward (the loss's own arithmetic), or auto (forward under bf16/fp16 "
         "autocast, rollout otherwise)",
-        choices=("auto", "rollout", "forward"),
+        choices=OLD_LOGPROBS,
     )
     likelihood: str = _f("exact", "log-likelihood of a mixture action", choices=LIKELIHOODS)
     aggregation: str = _f("grpo", "loss aggregation", choices=AGGREGATIONS)
     advantage_scaling: str = _f("group", "advantage std scaling", choices=ADVANTAGE_SCALINGS)
-    reward_correctness: float = _f(2.0, "weight of the answer's score in the reward")
-    reward_think: float = _f(
-        0.0, "reward for closing </think> exactly once (a run can collect it with no answer)"
-    )
-    reward_format: float = _f(
-        0.25,
-        "reward for exactly one <answer>…</answer> ending the text (kept below a correct "
-        "answer's, so format alone never pays most)",
-    )
-    reward_partial_credit: bool = _f(True, "use Reasoning Gym's partial scores (else only 1/0)")
-    run_dir: str = _f("runs/motg", "directory of the run's config, metrics and checkpoints")
-    save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted; 0 keeps all)")
     eval_every: int = _f(0, "held-out evaluation every N steps (0: never)")
-    final_eval: str = _f(
-        "before_after",
-        "held-out evaluation around training: before_after (the base model first, then the "
-        "trained policy, with the gain's 95-percent interval), after (only the trained "
-        "policy), or none",
-        choices=("before_after", "after", "none"),
-    )
-    resume: bool = _f(False, "resume from the latest checkpoint in run_dir")
-    overwrite: bool = _f(
-        False, "start over in a run_dir that holds a previous run (deletes its outputs)"
-    )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory)")
     share_prompt: bool = _f(
         True,
@@ -194,102 +256,170 @@ class Config:
         True,
         "bit-identical mixture-embedding gradients on CUDA (sorted segment sums, no atomics)",
     )
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # a list from the command line or a file
+        _check_fields(self)
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how it checkpoints, resumes, evaluates around training and logs."""
+
+    run_dir: str = _f("runs/motg", "directory of the run's config, metrics and checkpoints")
+    resume: bool = _f(False, "resume from the latest checkpoint in run_dir")
+    overwrite: bool = _f(
+        False, "start over in a run_dir that holds a previous run (deletes its outputs)"
+    )
+    save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted; 0 keeps all)")
+    final_eval: str = _f(
+        "before_after",
+        "held-out evaluation around training: before_after (the base model first, then the "
+        "trained policy, with the gain's 95-percent interval), after (only the trained "
+        "policy), or none",
+        choices=FINAL_EVALS,
+    )
+    token_budget: int = _f(
+        0,
+        "stop once the rollouts have generated this many tokens in all (0: no limit; steps "
+        "stays the cap); python -m motg_fast.compare matches arms with it",
+    )
     log_every: int = _f(1, "without the progress bar, print a metrics line every N steps")
-    progress: bool = _f(True, "show progress bars")
     report_to: str = _f(
         "none", "metrics trackers of accelerate, comma-separated: tensorboard, wandb, ... (none)"
     )
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # a list from the command line or a file
-
-    # ------------------------------------------------------------------ validation
-    def validate(self, *, training: bool = True) -> Config:
-        """Check every field; raise ``ValueError`` naming the first bad one. Returns ``self``.
-
-        ``training=False`` skips the checks that only matter to the trainer.
-        """
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise ValueError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
-        _positive_ints(
-            self,
-            "dataset_size",
-            "max_prompt_tokens",
-            "max_new_tokens",
-            "eval_samples",
-            "eval_questions",
-            "eval_batch_size",
-            "group_size",
-            "prompts_per_step",
-            "grad_accum",
-            "steps",
-            "mu",
-            "log_every",
-        )
-        _non_negative_ints(
-            self,
-            "save_every",
-            "eval_every",
-            "keep_checkpoints",
-            "rollout_batch_prompts",
-            "token_budget",
-        )
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.dataset_size < 2:
-            raise ValueError(f"dataset_size must be >= 2, got {self.dataset_size}")
-        if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; methods: {', '.join(METHODS)}")
-        MixtureSpec.from_mapping(self)  # the spec checks its own fields
-        from .tasks import check_tasks  # local: reasoning_gym loads only when needed
-
-        check_tasks(self.tasks, self.task_options)
-        if training:
-            self._validate_training()
-        return self
-
-    def _validate_training(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        for name in ("weight_decay", "beta", "eps_low", "eps_high"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ValueError(
-                f"group_size must be >= 2 for GRPO, got {self.group_size}: advantages compare "
-                "the trajectories of one prompt, so a group of one never learns"
-            )
+        _check_fields(self)
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: choose one")
-        if not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.spec.is_deterministic and self.spec.is_discrete:
+
+
+PARTS: dict[str, type] = {
+    "model": ModelConfig,
+    "task": TaskConfig,
+    "decoding": DecodingConfig,
+    "evaluation": EvalConfig,
+    "training": TrainingConfig,
+    "run": RunConfig,
+}
+"""Every part, by attribute name on :class:`Config`, in command-line order."""
+
+FIELD_PART: dict[str, str] = {
+    f.name: part for part, cls in PARTS.items() for f in dataclasses.fields(cls)
+}
+"""The part of every field."""
+
+RETIRED_FIELDS = frozenset({"eval_output"})
+"""Fields of earlier versions that a saved config may hold; loading drops them."""
+
+
+class Config:
+    """The parts of one job (see the module docstring), read flat: ``config.lr``.
+
+    ``Config(**values)`` builds every part from flat field values (the defaults elsewhere);
+    ``Config.of(model=ModelConfig(...), ...)`` takes ready parts, only those a job needs.
+    """
+
+    def __init__(self, **values: Any) -> None:
+        unknown = sorted(set(values) - set(FIELD_PART))
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        by_part = {name: {} for name in PARTS}
+        for key, value in values.items():
+            by_part[FIELD_PART[key]][key] = value
+        parts = {name: PARTS[name](**by_part[name]) for name in PARTS}
+        self._set_parts(parts)
+
+    @classmethod
+    def of(cls, **parts: Any) -> Config:
+        """A config of ready parts (``model=ModelConfig(...)``, …); others stay absent."""
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown:
+            raise ValueError(f"unknown config part(s): {', '.join(unknown)}")
+        config = cls.__new__(cls)
+        config._set_parts(parts)
+        return config
+
+    def _set_parts(self, parts: dict[str, Any]) -> None:
+        object.__setattr__(self, "_parts", {n: parts[n] for n in PARTS if n in parts})
+        self._check_across_parts()
+
+    def __getattr__(self, name: str) -> Any:
+        parts = self.__dict__.get("_parts", {})
+        part = FIELD_PART.get(name)
+        if part is None:
+            raise AttributeError(f"Config has no field {name!r}")
+        if part not in parts:
+            raise AttributeError(f"this config has no {part} part (field {name!r})")
+        return getattr(parts[part], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is read-only: use config.replace(...)")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self._parts == other._parts
+
+    def __repr__(self) -> str:
+        return f"Config({', '.join(f'{n}={p!r}' for n, p in self._parts.items())})"
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The names of the parts this config holds."""
+        return tuple(self._parts)
+
+    def part(self, name: str) -> Any:
+        """The part `name` (`"model"`, `"task"`, …; see :data:`PARTS`)."""
+        if name not in self._parts:
+            raise AttributeError(f"this config has no {name} part")
+        return self._parts[name]
+
+    @property
+    def spec(self) -> MixtureSpec:
+        """The :class:`MixtureSpec` of this config's thinking steps."""
+        return self.part("decoding").spec
+
+    def reward_weights(self):
+        """The :class:`~motg_fast.tasks.rewards.RewardWeights` of the task part."""
+        return self.part("task").reward_weights()
+
+    def _check_across_parts(self) -> None:
+        """What spans parts: the likelihood and per-slot clipping against the decoding."""
+        if "training" not in self._parts or "decoding" not in self._parts:
+            return
+        spec, training = self.part("decoding").spec, self.part("training")
+        if spec.is_deterministic and spec.is_discrete:
             raise ValueError(
                 "k=1 with selection=topk is greedy decoding: there is nothing to learn from "
                 "(and no exact likelihood); use selection=sample"
             )
-        self.spec.check_likelihood(self.likelihood)
-        if self.clip_per_slot:
-            _check_per_slot(self.spec, self.likelihood)
+        spec.check_likelihood(training.likelihood)
+        if training.clip_per_slot:
+            _check_per_slot(spec, training.likelihood)
 
-    # ------------------------------------------------------------------ helpers
-    def reward_weights(self):
-        """The :class:`~motg_fast.rewards.RewardWeights` of this config."""
-        from .rewards import RewardWeights
-
-        return RewardWeights(
-            correctness=self.reward_correctness,
-            think=self.reward_think,
-            format=self.reward_format,
-            partial_credit=self.reward_partial_credit,
-        )
+    # ------------------------------------------------------------------ copies and runs
+    def replace(self, **changes: Any) -> Config:
+        """A copy with field ``changes`` applied (names checked, parts validated again)."""
+        parts = dict(self._parts)
+        for name in changes:
+            part = FIELD_PART.get(name)
+            if part is None:
+                raise ValueError(f"unknown config field(s): {name}")
+            if part not in parts:
+                raise ValueError(f"this config has no {part} part (field {name!r})")
+        for part in {FIELD_PART[name] for name in changes}:
+            mine = {k: v for k, v in changes.items() if FIELD_PART[k] == part}
+            parts[part] = dataclasses.replace(parts[part], **mine)
+        return Config.of(**parts)
 
     def experiment_changes(self, saved: dict[str, Any]) -> list[str]:
         """Fields whose value differs from a saved config's and that alter the experiment
@@ -301,27 +431,14 @@ class Config:
             if name in current and name not in RESUMABLE_CHANGES and current[name] != value
         )
 
-    @property
-    def spec(self) -> MixtureSpec:
-        """The :class:`MixtureSpec` of this config's thinking steps (validated on creation)."""
-        return MixtureSpec.from_mapping(self)
-
-    def eval_output_path(self) -> Path:
-        """Where evaluation writes its JSON."""
-        return Path(self.eval_output) if self.eval_output else Path(self.run_dir) / "eval.json"
-
-    def replace(self, **changes: Any) -> Config:
-        """A copy with ``changes`` applied (names checked)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **changes)
-
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-ready dict (tuples become lists)."""
-        out = asdict(self)
-        out["betas"] = list(self.betas)
+        """Every field of every part as one flat JSON-ready dict (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for part in self._parts.values():
+            out.update(dataclasses.asdict(part))
+        if "betas" in out:
+            out["betas"] = list(out["betas"])
         return out
 
     def to_json(self) -> str:
@@ -329,23 +446,17 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> Path:
-        """Write the config JSON to ``path`` (a directory gets ``config.json``)."""
+        """Write the config JSON to ``path`` (a directory gets ``config.json``), atomically."""
         path = Path(path)
         if path.suffix != ".json":
             path = path / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json() + "\n")
-        os.replace(tmp, path)  # atomic: a kill never leaves half a config
-        return path
+        return write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        """A config from a dict such as :meth:`to_dict` gives (unknown keys are an error)."""
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
+        """A config from a flat dict such as :meth:`to_dict` gives, or an older version's
+        (retired fields dropped; unknown keys are an error)."""
+        return cls(**{k: v for k, v in values.items() if k not in RETIRED_FIELDS})
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
@@ -353,144 +464,7 @@ class Config:
         return cls.from_dict(read_config_file(path))
 
 
-def _yaml_loader():
-    """PyYAML's safe loader, reading ``1e-5`` as a float (YAML 1.2, JSON) and not a string."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    number = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
-    return Loader
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML or JSON config file (a directory: its ``config.json``)."""
-    import yaml
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        values = yaml.load(path.read_text(), Loader=_yaml_loader())  # noqa: S506 - safe loader
-    except OSError:
-        raise ValueError(f"config file {str(path)!r} cannot be read") from None
-    except yaml.YAMLError as err:
-        reason = " ".join(str(err).split())
-        raise ValueError(f"config file {str(path)!r} is not valid YAML or JSON: {reason}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
-    return values
-
-
-# Fields a resumed run may change: its length, evaluation and checkpoint cadence, outputs,
-# progress display, device placement and memory knobs (micro-batches, activation
-# checkpointing, attention kernel, gradient summation order) — none changes what is trained or
-# how it is sampled.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "steps",
-        "token_budget",
-        "eval_every",
-        "final_eval",
-        "eval_questions",
-        "eval_samples",
-        "eval_batch_size",
-        "eval_output",
-        "eval_save_completions",
-        "save_every",
-        "keep_checkpoints",
-        "resume",
-        "overwrite",
-        "progress",
-        "log_every",
-        "report_to",
-        "run_dir",
-        "device",
-        "attn_implementation",
-        "grad_accum",
-        "gradient_checkpointing",
-        "deterministic",
-        "share_prompt",
-    }
-)
-
-
-def _positive_ints(config: Config, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _non_negative_ints(config: Config, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-_PAPER: dict[str, Any] = dict(
-    model="Qwen/Qwen2.5-1.5B-Instruct",
-    tasks="paper",
-    task_options="",
-    dataset_size=10_000,
-    heldout_fraction=0.01,
-    seed=42,
-    k=2,
-    temperature=0.9,
-    selection="sample",
-    weighting="prob",
-    representative="sample",
-    likelihood="weighted",
-    max_prompt_tokens=1024,
-    max_new_tokens=1024,
-    group_size=10,
-    prompts_per_step=1,
-    grad_accum=4,
-    steps=1000,
-    lr=5e-6,
-    betas=(0.9, 0.99),
-    weight_decay=0.1,
-    grad_clip=0.1,
-    warmup_ratio=0.18,
-    beta=0.1,
-    mu=1,
-    reward_correctness=2.0,
-    reward_think=0.5,
-    reward_format=0.5,
-    reward_partial_credit=True,
-    eval_questions=100,
-    eval_samples=4,
-    eval_every=50,
-    save_every=200,
-    run_dir="runs/paper",
-    system_prompt=SYSTEM_PROMPT,
-)
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's runs. The paper trained one task per run: add --tasks NAME.
-    "paper": _PAPER,
-    # "MoT-G with G = 5 matches standard GRPO with G = 10".
-    "paper_g5": {**_PAPER, "group_size": 5, "run_dir": "runs/paper_g5"},
-    # The standard-decoding GRPO baseline of the paper's comparisons.
-    "paper_discrete": {**_PAPER, "k": 1, "likelihood": "token", "run_dir": "runs/paper_discrete"},
-    # A seconds-long check of the whole pipeline on a CPU.
-    "smoke": dict(
-        max_new_tokens=32,
-        eval_questions=2,
-        eval_samples=2,
-        group_size=2,
-        prompts_per_step=1,
-        steps=2,
-        run_dir="runs/smoke",
-    ),
-}
-"""Named sets of field values, applied before explicit flags."""
-
-
-def _check_per_slot(spec, likelihood: str) -> None:
+def _check_per_slot(spec: MixtureSpec, likelihood: str) -> None:
     """clip_per_slot needs a likelihood that is a sum of slot terms: independent draws
     (`iid`) with weights and token fixed by them, scored `exact`."""
     fixed = spec.weighting in ("prob", "uniform") and spec.representative != "sample"
@@ -502,17 +476,21 @@ def _check_per_slot(spec, likelihood: str) -> None:
         )
 
 
-def method_values(name: str) -> dict[str, Any]:
-    """The config values of `--method NAME`: its spec fields, likelihood, training settings
-    and name."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
-    method = METHODS[name]
-    return {**method.fields, "likelihood": method.likelihood, **method.training, "method": name}
-
-
-def preset(name: str) -> dict[str, Any]:
-    """The values of preset ``name`` (``ValueError`` listing the presets if unknown)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+# Fields a resumed run may change: its length, evaluation and checkpoint cadence, outputs,
+# progress display, device placement and memory knobs (micro-batches, activation
+# checkpointing, attention kernel, gradient summation order) — none changes what is trained or
+# how it is sampled.
+RESUMABLE_CHANGES = frozenset(
+    {
+        *(f.name for f in dataclasses.fields(RunConfig)),
+        *(f.name for f in dataclasses.fields(EvalConfig)),
+        "steps",
+        "eval_every",
+        "device",
+        "attn_implementation",
+        "grad_accum",
+        "gradient_checkpointing",
+        "deterministic",
+        "share_prompt",
+    }
+)

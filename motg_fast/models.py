@@ -145,7 +145,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def _model_dir_of(path: Path) -> Path:
     """The model folder of a directory: a run's latest complete checkpoint (a run directory
     also holds the run's own ``config.json``), a checkpoint's ``model/``, or itself."""
-    from .checkpoint import MODEL_DIR, list_checkpoints
+    from .training.checkpoint import MODEL_DIR, list_checkpoints
 
     checkpoints = list_checkpoints(path)
     if checkpoints:

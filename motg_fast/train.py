@@ -1,12 +1,14 @@
 """Train a policy with GRPO in the mixture space (MoT-G) or with discrete tokens.
 
-    python -m motg_fast.train                         # the default model, an easy task, CPU
-    python -m motg_fast.train --preset paper --tasks acre --model Qwen/Qwen2.5-1.5B-Instruct
-    accelerate launch -m motg_fast.train --preset paper --tasks acre   # one process per GPU
-    python -m motg_fast.train --run_dir runs/motg --resume            # continue a run
+examples:
+  python -m motg_fast.train                         # the default model, an easy task, CPU
+  python -m motg_fast.train --method multiplex --steps 50
+  python -m motg_fast.train --preset paper --tasks acre --model Qwen/Qwen2.5-1.5B-Instruct
+  accelerate launch -m motg_fast.train --preset paper --tasks acre   # one process per GPU
+  python -m motg_fast.train --run_dir runs/motg --resume            # continue a run
 
-Every run writes `config.json`, `metrics.jsonl`, `plots/*.png` and checkpoints under
-`--run_dir`.
+Every run writes config.json, metrics.jsonl, plots/*.png, the held-out evaluations and
+checkpoints under --run_dir.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .checkpoint import CheckpointError
 from .cli import parse_config, run_cli
+from .training.checkpoint import CheckpointError
 
 
 def _interrupt(signum, frame) -> None:
@@ -27,11 +29,9 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Parse the command line, train, and print where the results are."""
-    from .trainer import Trainer
+    from .training.trainer import Trainer
 
-    config = parse_config(
-        argv, prog="python -m motg_fast.train", description=__doc__.split("\n\n")[0]
-    )
+    config = parse_config(argv, prog="python -m motg_fast.train", description=__doc__)
     start = time.monotonic()
     trainer = Trainer(config)
     signal.signal(signal.SIGTERM, _interrupt)

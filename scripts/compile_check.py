@@ -176,12 +176,12 @@ def embed_cases(sms: int, ks: tuple[int, ...]):
                 ids = torch.empty(N, k, dtype=torch.int64, device=META)
                 w = torch.empty(N, k, dtype=w_dtype, device=META)
                 grad = torch.empty(N, H, dtype=dtype, device=META)
-                yield f"{name} fwd", lambda e=emb, i=ids, w=w: mod._embed_forward(e, i, w)
+                yield f"{name} fwd", lambda e=emb, i=ids, w=w: mod.launch_embed_forward(e, i, w)
                 for det in (False, True):
                     for need_e, need_w in ((True, True), (True, False), (False, True)):
 
                         def bwd(g=grad, e=emb, i=ids, w=w, d=det, ne=need_e, nw=need_w):
-                            mod._embed_backward(
+                            mod.launch_embed_backward(
                                 g, e, i, w, need_embedding=ne, need_weights=nw, deterministic=d
                             )
 
@@ -189,49 +189,37 @@ def embed_cases(sms: int, ks: tuple[int, ...]):
 
 
 def logprobs_cases(sms: int, ks: tuple[int, ...]):
+    """The forward and backward launches of `mixture_logprobs` (with and without the rest
+    mass), planned for a GPU of `sms` SMs."""
     mod = _module("mixture_logprobs")
-    cdiv = _module("_launch").cdiv
-    original = mod._vocab_splits
-
-    def vocab_splits(n_blocks, vocab, block_v, device):  # the CUDA branch, `sms` SMs
-        target = 2 * sms
-        v_blocks = cdiv(vocab, block_v)
-        wanted = max(1, min(v_blocks, cdiv(target, n_blocks)))
-        span = cdiv(v_blocks, wanted) * block_v
-        return cdiv(vocab, span), span
-
-    mod._vocab_splits = vocab_splits
-    try:
-        for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
-            for n, k in [(N, k) for k in ks] + [(40, ks[0])]:
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
+        for n, k in [(N, k) for k in ks] + [(40, ks[0])]:
+            for rest in (False, True):
                 name = f"logprobs {_short(dtype)}{' tf32' if tf32 else ''} N={n} k={k}"
+                name += " rest" if rest else ""
                 h = torch.empty(n, H, dtype=dtype, device=META)
                 w = torch.empty(V, H, dtype=dtype, device=META)
                 ids = torch.empty(n, k, dtype=torch.int64, device=META)
-                lse = torch.empty(n, dtype=torch.float32, device=META)
-                g = (torch.empty(n, k, device=META), lse, lse)
+                row = torch.empty(n, dtype=torch.float32, device=META)
+                saved = (h, w, ids, row, row, row if rest else row[:0])
+                g = (torch.empty(n, k, device=META), row, row, row)
 
-                def fwd(h=h, w=w, ids=ids, tf32=tf32):
+                def fwd(h=h, w=w, ids=ids, tf32=tf32, rest=rest):
                     with _tf32(tf32):
-                        mod._logprobs_forward(h, w, ids, 0.7)
+                        mod.launch_logprobs_forward(h, w, ids, 0.7, rest, num_sms=sms)
 
-                def bwd(h=h, w=w, ids=ids, lse=lse, g=g, tf32=tf32):
+                def bwd(saved=saved, g=g, tf32=tf32):
                     with _tf32(tf32):
-                        mod._logprobs_backward((h, w, ids, lse, lse), g, 0.7, True, True)
+                        mod.launch_logprobs_backward(saved, g, 0.7, True, True)
 
                 yield f"{name} fwd", fwd
                 yield f"{name} bwd", bwd
-    finally:
-        mod._vocab_splits = original
 
 
 def step_cases(sms: int, ks: tuple[int, ...]):
     mod = _module("mixture_step")
-    philox = _module("_philox")
+    philox = importlib.import_module("motg_fast.kernels")  # StepNoise, philox_step_noise
     spec_type = _module("spec").MixtureSpec
-    make_plan = mod._make_plan
-    # the plan of a CUDA device (float32 reciprocal of τ), whatever device the tensors are on
-    mod._make_plan = lambda device, spec, noise: make_plan(torch.device("cuda"), spec, noise)
     modes = (
         dict(selection="topk", weighting="prob", representative="argmax"),
         dict(selection="sample", weighting="gumbel", representative="sample", top_p=0.9),
@@ -268,24 +256,21 @@ def step_cases(sms: int, ks: tuple[int, ...]):
 
         return name, launch
 
-    try:
-        for dtype in (torch.bfloat16, torch.float32):
-            emb = torch.empty(V, H, dtype=dtype, device=META)
-            for mode in modes:
-                for batch, k in [(64, k) for k in ks] + [(512, k) for k in ks]:
-                    yield step_case(dtype, emb, mode, batch, k)
-        emb = torch.empty(V, H, dtype=torch.bfloat16, device=META)
-        for mode, k in heavy:
-            for batch in (64, 512):
-                yield step_case(torch.bfloat16, emb, mode, batch, k)
-        for mode in modes[1], modes[3], modes[5]:
-            for batch in (64, 512):
-                yield step_case(torch.bfloat16, emb, mode, batch, 8, explicit=True)
-        seed = torch.zeros(1, dtype=torch.int64, device=META)
-        yield "step noise", lambda: philox.philox_step_noise(seed, 4, V, 2)
-        yield "step noise iid", lambda: philox.philox_step_noise(seed, 4, V, 8, draws=8)
-    finally:
-        mod._make_plan = make_plan
+    for dtype in (torch.bfloat16, torch.float32):
+        emb = torch.empty(V, H, dtype=dtype, device=META)
+        for mode in modes:
+            for batch, k in [(64, k) for k in ks] + [(512, k) for k in ks]:
+                yield step_case(dtype, emb, mode, batch, k)
+    emb = torch.empty(V, H, dtype=torch.bfloat16, device=META)
+    for mode, k in heavy:
+        for batch in (64, 512):
+            yield step_case(torch.bfloat16, emb, mode, batch, k)
+    for mode in modes[1], modes[3], modes[5]:
+        for batch in (64, 512):
+            yield step_case(torch.bfloat16, emb, mode, batch, 8, explicit=True)
+    seed = torch.zeros(1, dtype=torch.int64, device=META)
+    yield "step noise", lambda: philox.philox_step_noise(seed, 4, V, 2)
+    yield "step noise iid", lambda: philox.philox_step_noise(seed, 4, V, 8, draws=8)
 
 
 @contextlib.contextmanager

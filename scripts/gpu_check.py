@@ -354,7 +354,7 @@ def junit_counts(xml: Path) -> dict:
     )
 
 
-_CC_ROW = re.compile(r"^(_\w+_kernel)\s+(ok|SPILL|SMEM|FAIL)\b")
+_CC_ROW = re.compile(r"^(\w+_kernel)\s+(ok|SPILL|SMEM|FAIL)\b")
 
 
 def compile_check_summary(log: str) -> dict:
@@ -364,7 +364,7 @@ def compile_check_summary(log: str) -> dict:
     rows = [m for m in map(_CC_ROW.match, log.splitlines()) if m]
     bad = sorted({f"{m.group(1)} {m.group(2)}" for m in rows if m.group(2) != "ok"})
     bad += re.findall(r"^\[(?:not covered|launcher error)\] .*$", log, flags=re.M)
-    regs = [int(m.group(1)) for m in re.finditer(r"^_\w+_kernel\s+ok\s+(\d+)", log, flags=re.M)]
+    regs = [int(m.group(1)) for m in re.finditer(r"^\w+_kernel\s+ok\s+(\d+)", log, flags=re.M)]
     return dict(
         target=target.group(1) if target else None,
         variants=int(summary.group(1)) if summary else None,
@@ -527,18 +527,13 @@ def checksum_reward(completions: list[str], items: list) -> tuple[list[float], l
 
 def grpo_step(result_path: Path) -> int:
     """One GRPO step; writes its figures to `result_path`; 1 when a check fails."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import importlib
-    import inspect
-
     import torch
     from transformers import Qwen2ForCausalLM
 
-    import motg_fast.trainer as trainer_module
     from motg_fast.config import Config
-    from motg_fast.trainer import Trainer
-    from tiny_models import qwen25_1p5b_config, tiny_qwen2, tiny_tokenizer
-    from toy_task import ToyTasks
+    from motg_fast.kernels.mixture_logprobs import weight_casts_made
+    from motg_fast.testing import ToyTasks, qwen25_1p5b_config, tiny_qwen2, tiny_tokenizer
+    from motg_fast.training.trainer import Trainer
 
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
@@ -552,22 +547,6 @@ def grpo_step(result_path: Path) -> int:
         model = tiny_qwen2()
         label, group, new_tokens = "tiny random Qwen2 (CPU, float32)", 4, 16
     captured = []
-    original_loss = trainer_module.grpo_loss
-    signature = inspect.signature(original_loss)
-
-    def capturing_loss(*args, **kwargs):
-        try:
-            bound = signature.bind(*args, **kwargs).arguments
-            captured.append(tuple(bound[n].detach() for n in ("logp", "old_logp", "mask")))
-        except (TypeError, KeyError):
-            pass
-        return original_loss(*args, **kwargs)
-
-    trainer_module.grpo_loss = capturing_loss
-    cast_module = importlib.import_module("motg_fast.kernels._weight_cast")
-    casts = []
-    original_cast = cast_module._cast_weight
-    cast_module._cast_weight = lambda w, dtype: casts.append(dtype) or original_cast(w, dtype)
 
     with tempfile.TemporaryDirectory() as run_dir:
         settings = dict(
@@ -599,9 +578,13 @@ def grpo_step(result_path: Path) -> int:
             task_set=ToyTasks(),
             reward_fn=checksum_reward,
         )
+        trainer.step.observers.append(
+            lambda seen: captured.append((seen["logp"], seen["old_logp"], seen["mask"]))
+        )
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        casts_before = weight_casts_made()
         start = time.perf_counter()
         record = trainer.train_step(0)
         if cuda:
@@ -621,7 +604,7 @@ def grpo_step(result_path: Path) -> int:
         grad_norm=float(record.get("grad_norm", float("nan"))),
         ratio_mean=record["ratio_mean"],
         clip_fraction=record["clip_fraction"],
-        lm_head_casts=len(casts),
+        lm_head_casts=weight_casts_made() - casts_before,
     )
     if cuda:
         figures["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -1,15 +1,35 @@
-"""Test setup: Triton's CPU interpreter when no GPU is present, GPU skips, a seeded generator."""
+"""Test setup: Triton's CPU interpreter when no GPU is present, GPU skips, shared fixtures."""
 
-from testing_env import configure_environment, skip_gpu_tests
+from motg_fast.testing import configure_environment, save_tiny_model, skip_gpu_tests
 
 configure_environment()  # before any Triton kernel is defined
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+FAST_EXCLUDES = ("slow", "subprocess", "interpreter")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help=f"the fast tier: leave out tests marked {', '.join(FAST_EXCLUDES)}",
+    )
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu_tests(items)
+    if config.getoption("--fast"):
+        kept = [item for item in items if not any(m in item.keywords for m in FAST_EXCLUDES)]
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny Qwen2 and the tiny tokenizer saved as a local model directory (its path)."""
+    return str(save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2"))
 
 
 @pytest.fixture

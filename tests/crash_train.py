@@ -18,9 +18,9 @@ import sys
 import torch
 from transformers import PreTrainedModel
 
-from motg_fast import metrics
 from motg_fast.cli import run_cli
 from motg_fast.train import main
+from motg_fast.training import metrics
 
 TARGET, KILL_AT = sys.argv[1], int(sys.argv[2])
 CALLS = {"save_pretrained": 0, "torch.save": 0, "os.replace": 0, "metrics.append": 0}

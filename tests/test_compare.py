@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from motg_fast import compare
-from motg_fast.evaluate import format_gain_table, heldout_gain
-from motg_fast.stats import (
+from motg_fast.cli import parse_config
+from motg_fast.evaluation import comparison
+from motg_fast.evaluation.heldout import format_gain_table, heldout_gain
+from motg_fast.evaluation.stats import (
     Interval,
     bootstrap_ci,
     nested_bootstrap_ci,
     paired_differences,
     question_scores,
 )
-from tiny_models import tiny_qwen2, tiny_tokenizer
 
 
 # --------------------------------------------------------------------------- statistics
@@ -88,12 +89,6 @@ def test_question_scores_and_paired_gain_table():
 
 
 # --------------------------------------------------------------------------- compare
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-qwen2"
-    tiny_qwen2(max_position_embeddings=1024).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def _argv(tiny_dir, out, *extra):
@@ -110,7 +105,7 @@ def _argv(tiny_dir, out, *extra):
 def test_compare_end_to_end_matches_budgets_reports_and_resumes(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     calls = []
-    original = compare.execute
+    original = comparison.execute
 
     def interrupted_after_three(config, keep):
         calls.append(config.run_dir)
@@ -118,11 +113,11 @@ def test_compare_end_to_end_matches_budgets_reports_and_resumes(tiny_dir, tmp_pa
             raise KeyboardInterrupt
         return original(config, keep)
 
-    monkeypatch.setattr(compare, "execute", interrupted_after_three)
+    monkeypatch.setattr(comparison, "execute", interrupted_after_three)
     with pytest.raises(KeyboardInterrupt):
         compare.main(_argv(tiny_dir, out))
     monkeypatch.setattr(
-        compare,
+        comparison,
         "execute",
         lambda config, keep: calls.append(config.run_dir) or original(config, keep),
     )
@@ -131,11 +126,13 @@ def test_compare_end_to_end_matches_budgets_reports_and_resumes(tiny_dir, tmp_pa
     assert len(calls) == 4 + 3 and calls[3] == calls[4]
     runs = {
         r.run_dir: r
-        for r in compare.plan_runs(
-            compare.parse_config(_argv(tiny_dir, out), config_cls=compare.CompareConfig)
+        for r in comparison.plan_runs(
+            *parse_config(
+                _argv(tiny_dir, out), parts=compare.PARTS, extras=(comparison.CompareOptions,)
+            )
         )
     }
-    summaries = {d: compare.read_summary(d) for d in runs}
+    summaries = {d: comparison.read_summary(d) for d in runs}
     for seed in (0, 1):
         ref = summaries[out / "runs" / "discrete" / f"seed{seed}"]
         mix = summaries[out / "runs" / "paper_dirichlet" / f"seed{seed}"]
@@ -171,16 +168,16 @@ def test_compare_end_to_end_matches_budgets_reports_and_resumes(tiny_dir, tmp_pa
 
 def test_compare_refuses_bad_arms_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="unknown arm 'nope'"):
-        compare.parse_arms("discrete,nope")
+        comparison.parse_arms("discrete,nope")
     with pytest.raises(ValueError, match="arm names must differ"):
-        compare.parse_arms("discrete,discrete")
+        comparison.parse_arms("discrete,discrete")
     with pytest.raises(ValueError, match="not one of the arms"):
-        compare.half_group_arms(compare.parse_arms("discrete"), "multiplex", 8)
+        comparison.half_group_arms(comparison.parse_arms("discrete"), "multiplex", 8)
     with pytest.raises(ValueError, match="group_size >= 4"):
-        compare.half_group_arms(compare.parse_arms("multiplex"), "multiplex", 2)
+        comparison.half_group_arms(comparison.parse_arms("multiplex"), "multiplex", 2)
     arm_file = tmp_path / "cold.yaml"
     arm_file.write_text("k: 3\ntemperature: 0.7\n")
-    arms = compare.parse_arms(f"discrete,{arm_file}")
+    arms = comparison.parse_arms(f"discrete,{arm_file}")
     assert arms[1].name == "cold" and arms[1].values == {"k": 3, "temperature": 0.7}
     with pytest.raises(ValueError, match="lr must be > 0"):
         compare.main(["--arms", "multiplex", "--lr", "-1", "--out", str(tmp_path / "o")])

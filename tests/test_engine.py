@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from motg_fast.cache import PreallocatedCache
-from motg_fast.engine import RolloutEngine
 from motg_fast.kernels import MixtureSpec, mixture_embed
-from motg_fast.marker import MarkerMatcher, build_marker_table
+from motg_fast.rollout.cache import PreallocatedCache
+from motg_fast.rollout.engine import RolloutEngine
+from motg_fast.rollout.marker import MarkerMatcher, build_marker_table
+from motg_fast.testing import THINK_END, SteeredLM, tiny_llama, tiny_qwen2, tiny_tokenizer
 from motg_fast.types import Phase, Trajectories
-from tiny_models import THINK_END, SteeredLM, tiny_llama, tiny_qwen2, tiny_tokenizer
 
 PROMPT_TEXTS = ["the answer <think>", "a <think>", "is the answer is on <think>"]
 # fp32 tolerance between the engine's cached decode logits and one full forward (SDPA over

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from motg_fast.checkpoint import list_checkpoints
-from tiny_models import tiny_qwen2
+from motg_fast.testing import tiny_qwen2
+from motg_fast.training.checkpoint import list_checkpoints
 
 pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
 
@@ -37,13 +37,14 @@ def _weights(run_dir: Path) -> dict:
     return type(tiny_qwen2()).from_pretrained(ckpt / "model").state_dict()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("layer_cls", ["", "Qwen2DecoderLayer"], ids=["one_unit", "layer_units"])
 def test_two_process_fsdp2_run_agrees_with_one_process(tmp_path, layer_cls):
     """2 FSDP2 processes × 1 prompt vs 1 process × 2 prompts: same global batch, same update.
 
     Rollouts, old log-likelihoods and the checkpoint need the full parameters outside the
-    scorer's forward (`motg_fast.distributed`); with them sharded the rollouts would read
+    scorer's forward (`motg_fast.training.distributed`); with them sharded the rollouts would read
     shards. `layer_units` also shards each decoder layer as its own unit. Tolerance: 1e-4
     absolute on metrics and weights, as for DDP (only the order of sums differs).
     """

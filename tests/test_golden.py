@@ -36,19 +36,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from testing_env import configure_environment
+from motg_fast.testing import configure_environment
 
 configure_environment()  # before the kernels load, also for `python tests/test_golden.py`
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from motg_fast.config import Config  # noqa: E402
-from motg_fast.engine import RolloutEngine  # noqa: E402
 from motg_fast.kernels import MixtureSpec, mixture_step  # noqa: E402
-from motg_fast.trainer import Trainer  # noqa: E402
-from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
-from toy_task import ToyTasks, letter_reward  # noqa: E402
+from motg_fast.rollout.engine import RolloutEngine  # noqa: E402
+from motg_fast.testing import (  # noqa: E402
+    ToyTasks,
+    letter_reward,
+    tiny_config,
+    tiny_qwen2,
+    tiny_tokenizer,
+)
+from motg_fast.training.trainer import Trainer  # noqa: E402
 
 PATH = Path(__file__).parent / "data" / "golden.pt"
 SPECS = [
@@ -110,27 +114,8 @@ def kernel_step(index: int, backend: str) -> dict:
 
 def training(case: str, run_dir: Path) -> dict:
     """Two trainer steps of a setup: the metrics (timing left out) and the parameters."""
-    config = Config(
-        model="unused-in-tests",
-        tasks="leg_counting",
-        run_dir=str(run_dir),
-        seed=3,
-        temperature=1.0,
-        group_size=4,
-        prompts_per_step=2,
-        grad_accum=2,
-        steps=2,
-        max_new_tokens=8,
-        max_prompt_tokens=64,
-        save_every=0,
-        progress=False,
-        warmup_ratio=0.25,
-        grad_clip=1.0,
-        system_prompt="Answer.",
-        final_eval="none",
-        share_prompt=False,  # recorded with the full forward; test_policy compares the two
-        **{"lr": 3e-3, **TRAINING[case]},
-    )
+    # recorded with the full forward (test_policy compares it with the shared-prompt one)
+    config = tiny_config(run_dir, share_prompt=False, **TRAINING[case])
     model = tiny_qwen2(seed=0).train()
     trainer = Trainer(
         config,

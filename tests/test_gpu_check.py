@@ -24,6 +24,7 @@ GPU_PARTS = [
 ]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_cpu_mode_skips_gpu_parts_in_one_line_each_and_reports(tmp_path):
     """Without CUDA: one `skipped:` line per GPU part, the GRPO step on the tiny CPU model,
@@ -79,7 +80,7 @@ target cuda sm_90, shared memory limit 227 KB
 kernel                         status regs  spill stack smem KB  w/s mma    ptrs  constexprs
 ------------------------------------------------------------------------------------------
 _embed_fwd_kernel              ok       32      0     0     2.0  4/3 -      *bf16,*i64  BLOCK_K=2
-_logprobs_fwd_partial_kernel   SPILL   255     64     0    96.0  8/3 wgmma  *bf16  K=2
+logprobs_fwd_partial_kernel   SPILL   255     64     0    96.0  8/3 wgmma  *bf16  K=2
 _step_noise_kernel             FAIL   K_PAD=2  [step noise]
     error: something
 [not covered] _new_kernel: no launch case compiles it
@@ -92,8 +93,8 @@ def test_compile_check_summary():
     assert summary["target"] == "sm_90"
     assert (summary["variants"], summary["problems"], summary["max_registers"]) == (4, 3, 32)
     assert summary["issues"] == [
-        "_logprobs_fwd_partial_kernel SPILL",
         "_step_noise_kernel FAIL",
+        "logprobs_fwd_partial_kernel SPILL",
         "[not covered] _new_kernel: no launch case compiles it",
     ]
     assert gpu_check.compile_check_summary("killed")["variants"] is None

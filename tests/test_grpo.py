@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from motg_fast.grpo import aggregate, clipped_surrogate, group_advantages, grpo_loss, k3_kl
+from motg_fast.training.grpo import aggregate, clipped_surrogate, group_advantages, grpo_loss, k3_kl
 
 
 def test_group_advantages_hand_computed():

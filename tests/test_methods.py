@@ -13,17 +13,16 @@ import pytest
 import torch
 
 from motg_fast.cli import parse_config
-from motg_fast.engine import RolloutEngine
 from motg_fast.evaluate import evaluate
 from motg_fast.kernels import MixtureSpec, action_logprob, mixture_step
 from motg_fast.kernels.gaussian import gaussian_input_noise, gaussian_log_density, philox4x32
 from motg_fast.kernels.spec import METHODS
-from motg_fast.policy import FrozenEmbedding, action_loglik, score_trajectories
-from motg_fast.tasks import build_tasks
-from motg_fast.trainer import Trainer
+from motg_fast.rollout.engine import RolloutEngine
+from motg_fast.tasks.reasoning_gym import build_tasks
+from motg_fast.testing import ToyTasks, letter_reward, tiny_qwen2, tiny_tokenizer
+from motg_fast.training.policy import FrozenEmbedding, action_loglik, score_trajectories
+from motg_fast.training.trainer import Trainer
 from motg_fast.types import Phase
-from tiny_models import tiny_qwen2, tiny_tokenizer
-from toy_task import ToyTasks, letter_reward
 
 MULTIPLEX = MixtureSpec(k=3, selection="iid", weighting="uniform")  # a token drawn from w
 MOI = MixtureSpec(k=3, selection="sample_topk", weighting="blend", representative="first")
@@ -293,9 +292,7 @@ def test_after_an_update_the_training_forward_feeds_the_rollouts_own_inputs(shar
     """Soft tokens at μ > 1: every thinking position's input is the x the rollout fed."""
     tokenizer, model = tiny_tokenizer(), tiny_qwen2()
     spec = METHODS["soft_tokens"].spec.replace(noise_std=0.3)
-    engine = RolloutEngine(
-        model, tokenizer, max_new_tokens=6, think_end=None, eos_token_ids=[]
-    )
+    engine = RolloutEngine(model, tokenizer, max_new_tokens=6, think_end=None, eos_token_ids=[])
     prompt = tokenizer.encode("the answer <think>")
     holder = {}
     decode = _fed_inputs(
@@ -411,7 +408,7 @@ def _bf16_first_pass(
             reward_fn=letter_reward,
             accelerator=Accelerator(cpu=True, mixed_precision="bf16"),
         )
-        assert trainer.old_from_rollout() is (old_logprobs == "rollout")
+        assert trainer.step.old_from_rollout() is (old_logprobs == "rollout")
         if premise is not None:
             premise.append(_decode_vs_forward_gap(trainer, config))
         (record,) = trainer.train()

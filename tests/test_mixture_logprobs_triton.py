@@ -17,8 +17,12 @@ import triton.language as tl
 from motg_fast.kernels import mixture_embed, mixture_logprobs
 
 logprobs_module = importlib.import_module("motg_fast.kernels.mixture_logprobs")
-chunked_module = importlib.import_module("motg_fast.kernels._logprobs_chunked")
-cast_module = importlib.import_module("motg_fast.kernels._weight_cast")
+chunked_module = importlib.import_module("motg_fast.kernels.logprobs_chunked")
+cast_module = importlib.import_module("motg_fast.kernels.weight_cast")
+logprobs_kernels = importlib.import_module("motg_fast.kernels.logprobs_kernels")
+
+
+pytestmark = pytest.mark.interpreter  # Triton's interpreter on a CPU: seconds each
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's CPU interpreter truncates float32 → 16-bit casts (error up to 1 ulp where rounding
@@ -97,7 +101,7 @@ def test_vocabulary_chunks_in_backward(monkeypatch):
     """A small chunk budget streams the backward over several chunks (the last partial)."""
     h, w, ids = make_inputs((20,), 2)
     monkeypatch.setattr(logprobs_module, "DLOGITS_BUDGET_BYTES", 20 * 4 * 64)
-    assert logprobs_module._vocab_chunk(20, V, 4, 32) == 64  # 301 columns → 5 chunks
+    assert logprobs_module.vocab_chunk(20, V, 4, 32) == 64  # 301 columns → 5 chunks
     result = run(h, w, ids, backend="triton", return_entropy=True)
     assert_all_close(result, run(h, w, ids, backend="reference", return_entropy=True))
 
@@ -219,41 +223,14 @@ def test_int32_ids_strided_hidden_and_empty_batch(backend):
 
 def count_triton_calls(monkeypatch):
     calls = []
-    original = logprobs_module._logprobs_forward
+    original = logprobs_module.launch_logprobs_forward
 
     def spy(hidden, *args):
         calls.append(hidden.dtype)
         return original(hidden, *args)
 
-    monkeypatch.setattr(logprobs_module, "_logprobs_forward", spy)
+    monkeypatch.setattr(logprobs_module, "launch_logprobs_forward", spy)
     return calls
-
-
-@pytest.mark.parametrize(
-    "backend, env, expected",
-    [
-        (None, None, "auto"),
-        ("triton", None, "triton"),
-        ("reference", None, "reference"),
-        (None, "triton", "triton"),
-        (None, "reference", "reference"),
-        ("reference", "triton", "reference"),
-    ],
-)
-def test_dispatch_branches(monkeypatch, backend, env, expected):
-    if env is None:
-        monkeypatch.delenv("MOTG_BACKEND", raising=False)
-    else:
-        monkeypatch.setenv("MOTG_BACKEND", env)
-    calls = count_triton_calls(monkeypatch)
-    h, w, ids = make_inputs((4,), 2)
-    logp, lse = mixture_logprobs(h, w, ids, temperature=TAU, backend=backend)
-    if expected == "auto":  # Triton on CUDA, the reference on a CPU
-        expected = "triton" if DEVICE == "cuda" else "reference"
-    assert len(calls) == (1 if expected == "triton" else 0)
-    ref_logp, ref_lse = logprobs_module.mixture_logprobs_ref(h, w, ids, TAU)
-    torch.testing.assert_close(logp, ref_logp, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, rtol=2e-5, atol=2e-5)
 
 
 def test_float64_runs_the_reference_and_errors_stay_clear(monkeypatch):
@@ -321,16 +298,16 @@ def test_chunked_path_never_holds_more_than_one_chunk(monkeypatch):
     ids[:, 0] = torch.arange(20) * 15  # ids in every backward chunk, incl. the last columns
     ids[-1, 1] = V - 1
     monkeypatch.setattr(chunked_module, "CHUNK_BUDGET_BYTES", 3620)
-    assert chunked_module._row_chunk(20, V) == 3
-    assert chunked_module._column_chunk(20, V) == 45
+    assert chunked_module.row_chunk(20, V) == 3
+    assert chunked_module.column_chunk(20, V) == 45
     shapes = []
-    original = chunked_module._chunk_logits
+    original = chunked_module.chunk_logits
 
     def spy(hidden, weight, temperature):
         shapes.append((hidden.shape[0], weight.shape[0]))
         return original(hidden, weight, temperature)
 
-    monkeypatch.setattr(chunked_module, "_chunk_logits", spy)
+    monkeypatch.setattr(chunked_module, "chunk_logits", spy)
     result = run(h, w, ids, backend="chunked", return_entropy=True)
     forward, backward = shapes[:7], shapes[7:]
     assert forward == [(3, V)] * 6 + [(2, V)]
@@ -358,13 +335,13 @@ def test_chunked_dispatch_and_errors(monkeypatch):
     monkeypatch.setenv("MOTG_BACKEND", "triton")
     triton_calls = count_triton_calls(monkeypatch)
     chunked_calls = []
-    original = chunked_module._chunked_forward
+    original = chunked_module.chunked_forward
 
     def spy(hidden, *args):
         chunked_calls.append(hidden.dtype)
         return original(hidden, *args)
 
-    monkeypatch.setattr(chunked_module, "_chunked_forward", spy)
+    monkeypatch.setattr(chunked_module, "chunked_forward", spy)
     h, w, ids = make_inputs((4,), 2)
     logp, lse = mixture_logprobs(h, w, ids, temperature=TAU, backend="chunked")
     assert chunked_calls == [torch.float32] and not triton_calls
@@ -383,7 +360,7 @@ def test_chunked_dispatch_and_errors(monkeypatch):
 # The logits at the ids and the logsumexp come from the same numbers (TF32 consistency)
 # ---------------------------------------------------------------------------------------
 
-_exact_tile = logprobs_module._logits_tile
+_exact_tile = logprobs_kernels.logits_tile
 
 
 @triton.jit
@@ -430,7 +407,7 @@ def test_logits_at_ids_come_from_the_logsumexp_tiles(monkeypatch):
     dominant token stays 0 (never > 0): the logits at the ids are read from the same tiles
     as the logsumexp, not recomputed at another precision (on CUDA,
     `test_gpu_tf32_logits_at_ids_agree_with_the_logsumexp` checks real TF32 dots)."""
-    monkeypatch.setattr(logprobs_module, "_logits_tile", _coarse_tile)
+    monkeypatch.setattr(logprobs_kernels, "logits_tile", _coarse_tile)
     h, w, ids = dominant_inputs()
     logp, lse = mixture_logprobs(h, w, ids, temperature=1.0, backend="triton")
     assert (logp <= 0).all()
@@ -452,19 +429,21 @@ def test_chunked_and_triton_logprobs_of_a_dominant_token_are_zero(backend):
 # ---------------------------------------------------------------------------------------
 
 
+class CastCounter:
+    """The cached casts of LM heads made since it was created (`len`)."""
+
+    def __init__(self) -> None:
+        self.start = cast_module.weight_casts_made()
+
+    def __len__(self) -> int:
+        return cast_module.weight_casts_made() - self.start
+
+
 @pytest.fixture
-def cast_counter(monkeypatch):
+def cast_counter():
     """Counts the casts of an LM head to the autocast dtype; starts from an empty cache."""
     logprobs_module.clear_weight_cast_cache()
-    casts = []
-    original = cast_module._cast_weight
-
-    def spy(weight, dtype):
-        casts.append((tuple(weight.shape), dtype))
-        return original(weight, dtype)
-
-    monkeypatch.setattr(cast_module, "_cast_weight", spy)
-    yield casts
+    yield CastCounter()
     logprobs_module.clear_weight_cast_cache()
 
 
@@ -501,8 +480,8 @@ def test_autocast_casts_the_lm_head_once_per_step(cast_counter, monkeypatch, bac
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         first = autocast_step(h, weight, ids, grads, backend)
-    assert cast_counter == [((V, H), torch.bfloat16)]
-    cached = cast_module._weight_casts[id(weight)][2]
+    cached = cast_module.cached_cast(weight)
+    assert len(cast_counter) == 1 and cached.shape == (V, H) and cached.dtype == torch.bfloat16
     assert len(saved) == 2 and set(saved) == {cached.data_ptr()}  # no per-call copy saved
 
     monkeypatch.setattr(cast_module, "CACHE_WEIGHT_CASTS", False)
@@ -515,7 +494,7 @@ def test_autocast_casts_the_lm_head_once_per_step(cast_counter, monkeypatch, bac
 
     optimizer = torch.optim.AdamW([weight], lr=0.05, fused=fused)
     optimizer.step()
-    assert not cast_module._weight_casts
+    assert cast_module.cached_cast_count() == 0
     weight.grad = None
     second = autocast_step(h, weight, ids, grads, backend)
     assert len(cast_counter) == 2
@@ -541,10 +520,10 @@ def test_weight_cast_cache_follows_in_place_changes_and_frees(cast_counter):
     assert len(cast_counter) == 2 and not torch.equal(first, second)
     ref, _ = mixture_logprobs(h, weight.detach(), ids, backend="chunked")  # float32, no cast
     torch.testing.assert_close(second, ref, rtol=0.05, atol=0.05)
-    assert list(cast_module._weight_casts) == [id(weight)]
+    assert cast_module.cached_cast_count() == 1 and cast_module.cached_cast(weight) is not None
     del weight, first, second  # the outputs' graphs hold the weight too
     gc.collect()
-    assert not cast_module._weight_casts
+    assert cast_module.cached_cast_count() == 0
 
 
 @pytest.mark.gpu
@@ -608,7 +587,9 @@ def test_inference_mode_calls_do_not_fill_the_cast_cache(cast_counter, backend):
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         with torch.inference_mode():
             mixture_logprobs(h, weight, ids, backend=backend)
-        assert not cast_module._weight_casts and not cast_counter
+        assert cast_module.cached_cast_count() == 0 and len(cast_counter) == 0
         logp, lse = mixture_logprobs(h, weight, ids, backend=backend)
     (logp.sum() + lse.sum()).backward()
-    assert cast_counter == [((V, H), torch.bfloat16)] and weight.grad.dtype == torch.float32
+    cached = cast_module.cached_cast(weight)
+    assert len(cast_counter) == 1 and cached.dtype == torch.bfloat16
+    assert weight.grad.dtype == torch.float32

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from motg_fast.kernels import (
+    HAS_TRITON,
     REPRESENTATIVES,
     SELECTIONS,
     WEIGHTINGS,
@@ -26,21 +27,23 @@ from motg_fast.kernels import (
     mixture_step_triton,
     philox_step_noise,
     philox_step_seed,
+    triton_interpreter_on,
 )
-from motg_fast.kernels._backend import HAS_TRITON, triton_interpreter_on
 from motg_fast.kernels.mixture_math import inverse_temperature
 from motg_fast.kernels.mixture_step import (
-    _split_plan,
     full_distribution_stats,
     selection_noise_shape,
     split_count,
+    split_plan,
     triton_unsupported,
 )
 from motg_fast.kernels.spec import RANDOM_SELECTIONS
 
 CUDA = torch.cuda.is_available()
+
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 pytestmark = [
+    pytest.mark.interpreter,  # Triton's interpreter on a CPU: seconds each
     pytest.mark.skipif(
         not HAS_TRITON or not (CUDA or triton_interpreter_on()),
         reason="needs triton with CUDA or the interpreter (TRITON_INTERPRET=1)",
@@ -602,7 +605,7 @@ def test_split_count_heuristic():
     counts = [split_count(b, 151936, 132) for b in range(1, 300)]
     assert all(a >= b for a, b in zip(counts, counts[1:], strict=False))  # fewer splits as B grows
     for vocab, splits, block in [(151936, 30, 1024), (3001, 3, 1024), (200, 64, 16), (7, 2, 16)]:
-        n, chunk = _split_plan(vocab, splits, block)
+        n, chunk = split_plan(vocab, splits, block)
         assert chunk % block == 0 and n * chunk >= vocab > (n - 1) * chunk and n <= splits
 
 

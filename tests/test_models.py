@@ -16,7 +16,7 @@ from motg_fast.models import (
     resolve_dtype,
     resolve_model_path,
 )
-from tiny_models import tiny_llama, tiny_tokenizer
+from motg_fast.testing import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture
@@ -135,9 +135,9 @@ def test_default_model_conversion_is_cached(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_default_model_offline_chat_template_and_greedy_engine_matches_generate(monkeypatch):
-    from motg_fast.engine import RolloutEngine
     from motg_fast.kernels import MixtureSpec
-    from motg_fast.prompting import build_prompt
+    from motg_fast.rollout.engine import RolloutEngine
+    from motg_fast.tasks.prompting import build_prompt
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = load_model(DEFAULT_MODEL, device="cpu")

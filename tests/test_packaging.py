@@ -38,6 +38,7 @@ def test_no_top_level_package_is_named_kernels():
     assert (OPS / "__init__.py").is_file()
 
 
+@pytest.mark.subprocess
 def test_transformers_and_the_train_command_import_from_the_repository_root():
     if importlib.util.find_spec("kernels") is None:
         pytest.skip("Hugging Face's `kernels` is not installed here (transformers < 5.25)")
@@ -99,6 +100,7 @@ _COPY_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.subprocess
 def test_the_ops_folder_works_copied_into_another_package_under_another_name(tmp_path):
     package = tmp_path / "theirpkg"
     package.mkdir()

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from motg_fast.kernels import MixtureSpec, action_logprob
-from motg_fast.policy import build_sequence_batch, score_trajectories
+from motg_fast.training.policy import build_sequence_batch, score_trajectories
 from motg_fast.types import Phase, Trajectories
 
 VOCAB, K = 97, 3
@@ -140,8 +140,8 @@ def test_mixture_positions_use_the_chosen_likelihood_and_backprop(model, likelih
 @pytest.mark.parametrize("weighting", ["prob", "dirichlet"])
 def test_training_forward_reproduces_the_rollout_logprobs(weighting):
     """The cached rollout and the training forward agree on log p at every stored id."""
-    from motg_fast.engine import RolloutEngine
-    from tiny_models import tiny_qwen2, tiny_tokenizer
+    from motg_fast.rollout.engine import RolloutEngine
+    from motg_fast.testing import tiny_qwen2, tiny_tokenizer
 
     model, tokenizer = tiny_qwen2(), tiny_tokenizer()
     engine = RolloutEngine(model, tokenizer, max_new_tokens=12)
@@ -171,7 +171,7 @@ def _grouped(traj: Trajectories, repeats: list[int]) -> Trajectories:
 
 
 def test_distinct_prompts_index_rows_by_first_appearance():
-    from motg_fast.policy import distinct_prompts
+    from motg_fast.training.policy import distinct_prompts
 
     assert distinct_prompts([[1, 2], [3], [1, 3]]) is None  # nothing shared
     prompt_of_row, first_row = distinct_prompts([[1, 2], [3], [1, 2], [3], [4]])

@@ -21,39 +21,25 @@ import torch
 from safetensors.torch import load_file
 
 from motg_fast import models
-from motg_fast.checkpoint import CheckpointError, list_checkpoints
 from motg_fast.cli import run_cli
 from motg_fast.config import Config
 from motg_fast.evaluate import main as evaluate_main
 from motg_fast.kernels import MixtureSpec, action_logprob, mixture_logprobs
-from motg_fast.metrics import MetricsLog
-from motg_fast.trainer import Trainer, reasoning_gym_reward
-from tiny_models import tiny_qwen2, tiny_tokenizer
-from toy_task import ToyTasks, letter_reward
+from motg_fast.tasks.base import TaskItem
+from motg_fast.tasks.rewards import task_reward
+from motg_fast.testing import ToyTasks, letter_reward, tiny_config, tiny_qwen2, tiny_tokenizer
+from motg_fast.training.checkpoint import CheckpointError, list_checkpoints
+from motg_fast.training.metrics import MetricsLog
+from motg_fast.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("rollout_time", "train_time", "generated_tokens_per_s")
 
 
 def _config(tmp_path, **changes):
-    base = dict(
-        model="unused-in-tests",
-        tasks="leg_counting",
-        run_dir=str(tmp_path / "run"),
-        seed=1,
-        k=2,
-        weighting="dirichlet",
-        group_size=2,
-        prompts_per_step=1,
-        steps=2,
-        save_every=1,
-        max_new_tokens=4,
-        max_prompt_tokens=64,
-        progress=False,
-        system_prompt="Answer.",
-        final_eval="none",
-    )
-    return Config(**{**base, **changes})
+    settings = dict(seed=1, k=2, weighting="dirichlet", group_size=2, prompts_per_step=1)
+    settings.update(save_every=1, max_new_tokens=4)
+    return tiny_config(tmp_path / "run", **{**settings, **changes})
 
 
 def _trainer(config, **kw):
@@ -76,7 +62,7 @@ def test_a_new_run_refuses_a_used_run_dir_and_overwrite_starts_over(tmp_path):
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert [p.name for p in list_checkpoints(run)] == ["step-000001"]
     with pytest.raises(ValueError, match="contradict"):
-        _config(tmp_path, resume=True, overwrite=True).validate()
+        _config(tmp_path, resume=True, overwrite=True)
 
 
 # ------------------------------------------------------------------ 2. --model RUN_DIR
@@ -154,28 +140,19 @@ def test_an_interrupted_checkpoint_write_leaves_no_temporary_folder(tmp_path):
 
 
 # ------------------------------------------------------------------ 7. reward failures
-class _RaisingTask:
-    """A task set whose scorer raises on every answer."""
-
-    def scorer(self, task):
-        def score(answer, entry):
-            raise ValueError(f"cannot parse {answer!r}")
-
-        return score
-
-
-class _Item:
-    task, entry = "prime_factorization", {}
+def _raising(answer, entry):
+    raise ValueError(f"cannot parse {answer!r}")
 
 
 def test_a_raising_scorer_is_counted_and_reported(capsys):
-    reward = reasoning_gym_reward(_RaisingTask(), Config().reward_weights())
+    reward = task_reward(Config().reward_weights())
     done = "</think><answer>abc</answer>"
-    rewards, correct, report = reward([done, "no answer"], [_Item(), _Item()])
+    item = TaskItem("prime_factorization", 0, {"question": "q"}, _raising)
+    rewards, correct, report = reward([done, "no answer"], [item, item])
     assert report.failures == 1 and correct == [0.0, 0.0] and rewards[0] == 0.25  # format only
     assert report.format_only == [True, False]
     out = capsys.readouterr().out
-    assert "1 answer(s) made a Reasoning Gym scorer raise" in out and "ValueError" in out
+    assert "1 answer(s) made a verifier raise" in out and "ValueError" in out
 
 
 def test_reward_failures_survive_a_resume(tmp_path):
@@ -212,8 +189,8 @@ def test_a_bad_run_dir_fails_before_loading_anything(tmp_path):
 
 # ------------------------------------------------------------------ 11. quieter, clearer
 def test_group_size_one_is_refused():
-    with pytest.raises(ValueError, match="group_size must be >= 2"):
-        Config(group_size=1).validate()
+    with pytest.raises(ValueError, match="group_size must be an integer >= 2"):
+        Config(group_size=1)
 
 
 def test_cli_runs_silence_transformers_progress_bars():
@@ -226,7 +203,7 @@ def test_cli_runs_silence_transformers_progress_bars():
 
 
 def test_rollouts_raise_no_cache_deprecation_warning():
-    from motg_fast.engine import RolloutEngine
+    from motg_fast.rollout.engine import RolloutEngine
 
     tokenizer = tiny_tokenizer()
     engine = RolloutEngine(tiny_qwen2(), tokenizer, max_new_tokens=3)
@@ -252,6 +229,7 @@ def test_an_uncached_hub_id_fails_at_once_without_network(monkeypatch):
     assert calls == [True]  # the download (and its retries) never started
 
 
+@pytest.mark.subprocess
 def test_plain_pytest_collects_every_module():
     pytest_bin = Path(sys.executable).with_name("pytest")
     proc = subprocess.run(
@@ -307,6 +285,7 @@ def _outcome(run_dir: Path):
     return records, load_file(str(next(final.glob("*.safetensors"))))
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_runs_killed_while_saving_or_resuming_end_like_an_uninterrupted_run(tmp_path):
     model_dir = tmp_path / "tiny"
@@ -337,6 +316,7 @@ def test_runs_killed_while_saving_or_resuming_end_like_an_uninterrupted_run(tmp_
         assert not list((run_dir / "checkpoints").glob(".step-*")), kills
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_sigterm_during_a_save_exits_with_a_message_and_no_leftovers(tmp_path):
     model_dir = tmp_path / "tiny"
@@ -344,7 +324,7 @@ def test_sigterm_during_a_save_exits_with_a_message_and_no_leftovers(tmp_path):
     tiny_tokenizer().save_pretrained(model_dir)
     driver = (
         "import os, signal, sys, torch\n"
-        "import motg_fast.checkpoint as c\n"
+        "import motg_fast.training.checkpoint as c\n"
         "save = torch.save\n"
         "def term(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"

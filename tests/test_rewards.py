@@ -5,13 +5,14 @@ import math
 
 import pytest
 
-from motg_fast.prompting import (
+from motg_fast.tasks.prompting import (
     SYSTEM_PROMPT,
     THINK_START,
     build_prompt,
     plain_prompt,
 )
-from motg_fast.rewards import (
+from motg_fast.tasks.reasoning_gym import PAPER_TASKS, build_tasks
+from motg_fast.tasks.rewards import (
     RewardWeights,
     answer_format_ok,
     extract_answer,
@@ -20,8 +21,7 @@ from motg_fast.rewards import (
     score_items,
     think_closed,
 )
-from motg_fast.tasks import PAPER_TASKS, build_tasks
-from tiny_models import tiny_tokenizer
+from motg_fast.testing import tiny_tokenizer
 
 NONE_ANSWER_TASKS = ("graph_color", "propositional_logic", "rubiks_cube")
 REFERENCE_KEYS = ("possible_answer", "example_answer", "example_correct_answer")
@@ -53,7 +53,7 @@ def test_reference_answers_score_one_and_wrong_ones_do_not(task_set, task):
         assert all(item.answer is None for item in items)
     strict = RewardWeights(partial_credit=False)
     for item in items:
-        good = score_items([formatted(reference_answer(item))], [item], task_set, strict)[0]
+        good = score_items([formatted(reference_answer(item))], [item], strict)[0]
         assert good.correct and good.score == 1.0
         assert good.reward == pytest.approx(2.0 + 0.5 + 0.5)
         wrong_answers = ["definitely not the answer", "[[[", "{'a': }", "× × ×", "1e999999"]
@@ -61,7 +61,7 @@ def test_reference_answers_score_one_and_wrong_ones_do_not(task_set, task):
             others = {other.answer for other in task_set.tasks[task].heldout()}
             wrong_answers += [a for a in others if a != item.answer]
         for wrong in wrong_answers:
-            bad = score_items([formatted(wrong)], [item], task_set, strict)[0]
+            bad = score_items([formatted(wrong)], [item], strict)[0]
             assert not bad.correct and bad.score < 1.0
             assert bad.reward == pytest.approx(1.0)  # format terms only, no correctness
 
@@ -80,12 +80,12 @@ def test_reference_answers_score_one_and_wrong_ones_do_not(task_set, task):
 @pytest.mark.parametrize("task", PAPER_TASKS + ("propositional_logic", "rubiks_cube"))
 def test_malformed_completions_score_zero_and_never_raise(task_set, task, completion):
     item = task_set.tasks[task].heldout(1)[0]
-    result = score_items([completion], [item], task_set)[0]
+    result = score_items([completion], [item])[0]
     assert not result.correct and result.score < 1.0
     assert not result.answer_format
     if result.answer is None:  # nothing to score: exactly 0
         assert result.score == 0.0
-    strict = score_items([completion], [item], task_set, RewardWeights(partial_credit=False))[0]
+    strict = score_items([completion], [item], RewardWeights(partial_credit=False))[0]
     assert strict.reward == 0.5 * strict.think_closed  # no correctness, no answer format
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from motg_fast.kernels import (
+    HAS_TRITON,
     SELECTIONS,
     WEIGHTINGS,
     MixtureSpec,
@@ -16,8 +17,8 @@ from motg_fast.kernels import (
     gumbel_noise,
     mixture_step,
     token_slot,
+    triton_interpreter_on,
 )
-from motg_fast.kernels._backend import HAS_TRITON, triton_interpreter_on
 
 
 def _batch(rows=4, vocab=23, hidden=5, seed=0):

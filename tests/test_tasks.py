@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from motg_fast.tasks import (
+from motg_fast.tasks.base import Task, TaskItem
+from motg_fast.tasks.reasoning_gym import (
     PAPER_TASKS,
-    TaskItem,
     available_tasks,
     build_tasks,
     check_tasks,
@@ -148,9 +148,9 @@ def test_weighted_mix_follows_the_weights():
     assert [item.task for item in heldout] == ["leg_counting", "basic_arithmetic"]
 
 
-def test_items_carry_their_dataset_scorer():
-    item = build_tasks("basic_arithmetic", size=20).heldout(1)[0]
-    assert isinstance(item, TaskItem)
-    assert item.score_function()(item.answer, item.entry) == 1.0
-    bare = TaskItem(item.task, item.index, item.entry)  # built by hand: default-config scorer
-    assert bare.score_function()(item.answer, item.entry) == 1.0
+def test_items_carry_their_dataset_scorer_and_tasks_follow_the_protocol():
+    task_set = build_tasks("basic_arithmetic", size=20)
+    item = task_set.heldout(1)[0]
+    assert isinstance(item, TaskItem) and isinstance(task_set.tasks["basic_arithmetic"], Task)
+    assert item.scorer(item.answer, item.entry) == 1.0
+    assert item.scorer("not a number", item.entry) == 0.0

@@ -1,6 +1,5 @@
 """GRPO trainer end to end on tiny random models: artefacts, exact resume, learning, errors."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -10,42 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from motg_fast.checkpoint import CheckpointError, list_checkpoints
-from motg_fast.config import Config
-from motg_fast.trainer import Trainer, make_accelerator, safe_rewards
-from tiny_models import tiny_qwen2, tiny_tokenizer
-from toy_task import ToyTasks, letter_reward
+from motg_fast.tasks.rewards import safe_rewards
+from motg_fast.testing import ToyTasks, letter_reward, tiny_config, tiny_qwen2, tiny_tokenizer
+from motg_fast.training.checkpoint import CheckpointError, list_checkpoints
+from motg_fast.training.distributed import make_accelerator
+from motg_fast.training.trainer import Trainer
 
 TIMING = ("rollout_time", "train_time", "generated_tokens_per_s")
 
 
 def _config(tmp_path, **changes):
-    base = dict(
-        model="unused-in-tests",
-        tasks="leg_counting",
-        run_dir=str(tmp_path / "run"),
-        seed=3,
-        k=2,
-        selection="topk",
-        weighting="dirichlet",
-        likelihood="exact",
-        temperature=1.0,
-        group_size=4,
-        prompts_per_step=2,
-        grad_accum=2,
-        steps=4,
-        lr=3e-3,
-        max_new_tokens=8,
-        max_prompt_tokens=64,
-        save_every=2,
-        progress=False,
-        warmup_ratio=0.25,
-        grad_clip=1.0,
-        system_prompt="Answer.",
-        final_eval="none",
-    )
-    base.update(changes)
-    return Config(**base)
+    settings = dict(k=2, selection="topk", weighting="dirichlet", likelihood="exact", steps=4)
+    return tiny_config(tmp_path / "run", **{**settings, "save_every": 2, **changes})
 
 
 def _trainer(config, seed=0):
@@ -107,7 +82,7 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     resumed = Trainer(
-        dataclasses.replace(interrupted_config, resume=True),
+        interrupted_config.replace(resume=True),
         model=tiny_qwen2(seed=99).train(),
         tokenizer=tiny_tokenizer(),
         task_set=ToyTasks(),
@@ -224,6 +199,7 @@ def _weights(run_dir: Path):
     return type(tiny_qwen2()).from_pretrained(ckpt / "model").state_dict()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_two_process_accelerate_run_agrees_with_one_process(tmp_path):
     """2 processes × 1 prompt vs 1 process × 2 prompts: same global batch, same update.
@@ -357,7 +333,7 @@ def test_token_budget_stops_the_run_and_saves_its_last_step(tmp_path):
 
 # --------------------------------------------------------------------------- signal guard
 def test_flat_groups_and_format_only_are_measured_on_constructed_batches():
-    from motg_fast.metrics import signal_statistics
+    from motg_fast.training.metrics import signal_statistics
 
     rewards = torch.tensor([1.0, 1.0, 0.5, 0.5, 0.0, 2.5, 1.0, 1.0])
     format_only = torch.tensor([True, True, True, True, False, False, True, True])
@@ -376,7 +352,7 @@ def test_flat_groups_and_format_only_are_measured_on_constructed_batches():
     ],
 )
 def test_a_stalled_run_says_so_once_per_patience_with_the_likely_cause(record, cause):
-    from motg_fast.metrics import StallGuard
+    from motg_fast.training.metrics import StallGuard
 
     guard = StallGuard(patience=3)
     said = [guard.update({**record, "flat_groups": 1.0}) for _ in range(6)]

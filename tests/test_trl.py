@@ -28,7 +28,6 @@ from datasets import Dataset  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from motg_fast.engine import RolloutEngine  # noqa: E402
 from motg_fast.integrations.trl import (  # noqa: E402
     ACTION_COLUMNS,
     MixtureGRPOConfig,
@@ -38,21 +37,13 @@ from motg_fast.integrations.trl import (  # noqa: E402
     score_actions,
 )
 from motg_fast.kernels import MixtureSpec  # noqa: E402
-from motg_fast.policy import score_trajectories  # noqa: E402
+from motg_fast.rollout.engine import RolloutEngine  # noqa: E402
+from motg_fast.testing import tiny_qwen2, tiny_tokenizer  # noqa: E402
+from motg_fast.training.policy import score_trajectories  # noqa: E402
 from motg_fast.types import Phase  # noqa: E402
-from tiny_models import tiny_qwen2, tiny_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the answer is", "think then answer, the end"]  # different lengths: left padding
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    """The tiny Qwen2 and tokenizer saved as a checkpoint (TRL loads reference models by path)."""
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_qwen2().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -485,6 +476,7 @@ def test_docs_training_forward_matches_score_trajectories():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_two_process_ddp_keeps_replicas_equal(tmp_path, tiny_dir):
     """Each process rolls out its own prompts; DDP's all-reduce must keep the weights equal."""

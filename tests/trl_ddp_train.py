@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 
 from motg_fast.integrations.trl import MixtureGRPOConfig, MixtureGRPOTrainer
-from tiny_models import tiny_tokenizer
+from motg_fast.testing import tiny_tokenizer
 
 
 def main(model_dir: str, out: Path) -> None:

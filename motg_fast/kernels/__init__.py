@@ -12,7 +12,7 @@ Every op picks its path with `backend=None|"reference"|"triton"` or, globally, t
 environment variable `MOTG_BACKEND`.
 """
 
-from ._backend import BACKENDS, HAS_TRITON, resolve_backend
+from ._backend import BACKENDS, HAS_TRITON, resolve_backend, triton_interpreter_on
 from ._philox import StepNoise, philox_step_noise, philox_step_seed
 from .likelihood import (
     action_logprob,
@@ -69,5 +69,6 @@ __all__ = [
     "renormalised_logprobs",
     "resolve_backend",
     "token_slot",
+    "triton_interpreter_on",
     "weights_from_logits",
 ]

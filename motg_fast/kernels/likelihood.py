@@ -265,8 +265,16 @@ def action_logprob(
         return total.to(logprobs.dtype)
     if likelihood == "clamped_gumbel":
         return clamped_gumbel_proxy(log_p_tilde, weight_logits, mask, spec).to(logprobs.dtype)
+    return exact_logprob(wide, log_p_tilde, mask, slot, spec, weight_logits, rest_logprob).to(
+        logprobs.dtype
+    )
+
+
+def exact_logprob(logprobs, log_p_tilde, mask, slot, spec, weight_logits, rest_logprob):
+    """`log q(S) + log q(w | S) + log w(y)` `[N]` in float64 (the module docstring) from
+    float64 `logprobs` and `log_p_tilde` `[N,k]` and the slot `[N,1]` of y."""
     rest = None if rest_logprob is None else rest_logprob.to(torch.float64)
-    total = selection_logprob(wide, spec.selection, rest)
+    total = selection_logprob(logprobs, spec.selection, rest)
     log_w = None
     if weight_logits is not None:
         log_w = log_weights_from_logits(weight_logits.to(torch.float64), mask)
@@ -275,8 +283,6 @@ def action_logprob(
     elif spec.weighting == "gumbel":
         total = total + concrete_log_density(log_p_tilde, log_w, mask, spec.gumbel_temperature)
     if spec.representative == "sample":
-        if spec.weighting == "prob":
-            total = total + log_p_tilde.gather(-1, slot).squeeze(-1)
-        else:
-            total = total + log_w.gather(-1, slot).squeeze(-1)
-    return total.to(logprobs.dtype)
+        chosen = log_p_tilde if spec.weighting == "prob" else log_w
+        total = total + chosen.gather(-1, slot).squeeze(-1)
+    return total

@@ -208,7 +208,7 @@ def _block_h(H: int, block_k: int = 1) -> int:
     return min(next_pow2(H), _MAX_BLOCK_H, max(16, _MAX_TILE // block_k))
 
 
-def _embed_forward(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+def launch_embed_forward(embedding: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
     """`[V,H]`, `[N,k]`, `[N,k]` (contiguous) → `[N,H]` in the embedding dtype."""
     N, k = ids.shape
     H = embedding.shape[1]
@@ -283,7 +283,9 @@ def _embed_dembedding_sorted(grad, embedding, ids, weights) -> torch.Tensor:
     return grad_embedding
 
 
-def _embed_backward(grad, embedding, ids, weights, *, need_embedding, need_weights, deterministic):
+def launch_embed_backward(
+    grad, embedding, ids, weights, *, need_embedding, need_weights, deterministic
+):
     """`(dE [V,H] or None, dw [N,k] or None)` for the upstream grad `[N,H]`."""
     grad = grad.contiguous()
     if not need_embedding:
@@ -313,7 +315,7 @@ class MixtureEmbedFunction(torch.autograd.Function):
         ctx.save_for_backward(embedding, ids, weights)
         ctx.deterministic = bool(deterministic)
         with device_guard(embedding.device):
-            return _embed_forward(embedding, ids, weights)
+            return launch_embed_forward(embedding, ids, weights)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -321,7 +323,7 @@ class MixtureEmbedFunction(torch.autograd.Function):
         embedding, ids, weights = ctx.saved_tensors
         need_embedding, _, need_weights, _ = ctx.needs_input_grad
         with device_guard(embedding.device):
-            grad_embedding, grad_weights = _embed_backward(
+            grad_embedding, grad_weights = launch_embed_backward(
                 grad,
                 embedding,
                 ids,

@@ -44,13 +44,13 @@ backward's `dW` matmul is torch's). The flag is read at each launch: a forward's
 and logits at the ids share one precision by construction, and its backward uses the same
 one unless the flag is switched in between.
 
-Chunked path (`"chunked"`, plain torch, any device; `_logprobs_chunked.py`): the same
+Chunked path (`"chunked"`, plain torch, any device; `logprobs_chunked.py`): the same
 outputs through torch GEMMs (cuBLAS on CUDA), a chunk of rows or vocabulary columns at a time;
 why Triton stays the CUDA default is argued there.
 
 Autocast: under `torch.autocast` the Triton and chunked paths run hidden and weight in the
 autocast dtype, as `F.linear` would; the cast of a trainable LM head is made once per weight
-version and shared by every call until the next optimizer step (`_weight_cast.py`;
+version and shared by every call until the next optimizer step (`weight_cast.py`;
 `clear_weight_cast_cache()` after changing a weight behind autograd's back).
 """
 
@@ -58,15 +58,24 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import device_guard, jit, resolve_backend, tl, triton_interpreter_on
+from ._backend import device_guard, resolve_backend, triton_interpreter_on
 from ._launch import cdiv, next_pow2, sm_count
-from ._logprobs_chunked import ChunkedLogprobsFunction
-from ._online_softmax import combine_stats, reduce_stats, tile_stats
 from ._validation import check_float_matrix, check_ids, check_same_device
-from ._weight_cast import autocast_weight, clear_weight_cast_cache  # noqa: F401 - public
+from .logprobs_chunked import ChunkedLogprobsFunction
+from .logprobs_kernels import (
+    logprobs_bwd_dlogits_kernel,
+    logprobs_fwd_finalize_kernel,
+    logprobs_fwd_partial_kernel,
+    matmul_accumulate_kernel,
+)
 from .mixture_embed import accumulation_dtype
 from .mixture_math import inverse_temperature
 from .spec import check_positive
+from .weight_cast import (  # noqa: F401 - public
+    autocast_weight,
+    clear_weight_cast_cache,
+    weight_casts_made,
+)
 
 
 def _scale(dtype: torch.dtype, temperature: float) -> float:
@@ -135,343 +144,6 @@ def check_logprobs_args(
 
 
 # ---------------------------------------------------------------------------------------
-# Triton kernels
-# ---------------------------------------------------------------------------------------
-
-
-@jit
-def _logits_tile(
-    # hidden [N,H] and weight [V,H] (row strides given, unit column strides)
-    h_ptr,
-    stride_h,
-    w_ptr,
-    stride_w,
-    H,
-    # the tile: int64 row offsets [BLOCK_N] and vocabulary columns [BLOCK_V], with masks
-    offs_n,
-    n_mask,
-    offs_v,
-    v_mask,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Float32 logits `h[offs_n] · W[offs_v]ᵀ` as a `[BLOCK_N, BLOCK_V]` tile."""
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        a = tl.load(
-            h_ptr + offs_n[:, None] * stride_h + offs_h[None, :],
-            mask=n_mask[:, None] & h_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + offs_v[:, None] * stride_w + offs_h[None, :],
-            mask=v_mask[:, None] & h_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-    return acc
-
-
-@jit
-def _store_at_ids(
-    # a tile of scaled logits x [BLOCK_N, BLOCK_V] (columns v0…), its rows and their mask
-    x,
-    ids_ptr,
-    out_ptr,
-    offs_n,
-    n_mask,
-    v0,
-    v_end,
-    K: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """Store `x[n, ids_nj − v0]` to `out[n, j]` for every id inside the tile's columns."""
-    offs_c = tl.arange(0, BLOCK_V)
-    for j in range(K):
-        id_j = tl.load(ids_ptr + offs_n * K + j, mask=n_mask, other=-1)
-        col = id_j - v0
-        inside = n_mask & (col >= 0) & (col < BLOCK_V) & (id_j < v_end)
-        if tl.max(inside.to(tl.int32), axis=0) > 0:  # most tiles hold none of the block's ids
-            hit = offs_c[None, :] == col[:, None]
-            x_j = tl.sum(tl.where(hit, x, 0.0), axis=1)
-            tl.store(out_ptr + offs_n * K + j, x_j, mask=inside)
-
-
-@jit
-def _id_columns(ids_ptr, offs_n, n_mask, v0, K: tl.constexpr, BLOCK_V: tl.constexpr):
-    """`[BLOCK_N, BLOCK_V]` bool: the tile's columns (v0…) that hold one of the row's ids."""
-    offs_c = tl.arange(0, BLOCK_V)
-    hit = offs_c[None, :] < 0
-    for j in range(K):
-        id_j = tl.load(ids_ptr + offs_n * K + j, mask=n_mask, other=-1)
-        hit = hit | (offs_c[None, :] == (id_j - v0)[:, None])
-    return hit
-
-
-@jit
-def _logprobs_fwd_partial_kernel(
-    # inputs: hidden [N,H], weight [V,H], 1/τ
-    h_ptr,
-    stride_h,
-    w_ptr,
-    stride_w,
-    N,
-    V,
-    H,
-    inv_tau,
-    # ids [N,K]; output x [N,K] float32: the scaled logit at each id, written by the program
-    # whose split holds the id (from the very tile that enters the logsumexp)
-    ids_ptr,
-    x_ptr,
-    # outputs, [splits, N] float32 each: running max m, Σ e^{x−m}, Σ e^{x−m}(x−m); with REST
-    # also the max and Σ e^{x−m} over the columns that hold none of the row's ids
-    m_ptr,
-    s_ptr,
-    t_ptr,
-    rm_ptr,
-    rs_ptr,
-    # program (i, j) covers rows i·BLOCK_N… and vocabulary columns [j·span, (j+1)·span)
-    span,
-    K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    REST: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    v_start = split * span
-    v_end = tl.minimum(v_start + span, V)
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)
-    rm = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    rs = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for v0 in range(v_start, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        v_mask = offs_v < v_end
-        logits = _logits_tile(
-            h_ptr=h_ptr,
-            stride_h=stride_h,
-            w_ptr=w_ptr,
-            stride_w=stride_w,
-            H=H,
-            offs_n=offs_n,
-            n_mask=n_mask,
-            offs_v=offs_v.to(tl.int64),
-            v_mask=v_mask,
-            BLOCK_N=BLOCK_N,
-            BLOCK_V=BLOCK_V,
-            BLOCK_H=BLOCK_H,
-            UPCAST=UPCAST,
-            PRECISION=PRECISION,
-        )
-        x = tl.where(v_mask[None, :], logits * inv_tau, float("-inf"))
-        tm, ts, tt = tile_stats(x, tl.max(x, axis=1), 1)
-        m, s, t = combine_stats(m, s, t, tm, ts, tt)
-        _store_at_ids(x, ids_ptr, x_ptr, offs_n, n_mask, v0, v_end, K, BLOCK_V)
-        if REST:
-            xr = tl.where(_id_columns(ids_ptr, offs_n, n_mask, v0, K, BLOCK_V), float("-inf"), x)
-            rm_tile = tl.max(xr, axis=1)
-            rm_new = tl.maximum(rm, rm_tile)
-            safe = tl.where(rm_new == float("-inf"), 0.0, rm_new)
-            rs = rs * tl.exp(rm - safe) + tl.sum(tl.exp(xr - safe[:, None]), axis=1)
-            rm = rm_new
-    out = split.to(tl.int64) * N + offs_n
-    tl.store(m_ptr + out, m, mask=n_mask)
-    tl.store(s_ptr + out, s, mask=n_mask)
-    tl.store(t_ptr + out, t, mask=n_mask)
-    if REST:
-        tl.store(rm_ptr + out, rm, mask=n_mask)
-        tl.store(rs_ptr + out, rs, mask=n_mask)
-
-
-@jit
-def _logprobs_fwd_finalize_kernel(
-    # per-split partials [splits, N] from the partial kernel
-    m_ptr,
-    s_ptr,
-    t_ptr,
-    splits,
-    N,
-    k,
-    # in: the scaled logits at the ids [N,k]; out: logprobs [N,k] (same buffer, float32)
-    logp_ptr,
-    # outputs (float32): logsumexp [N], entropy [N]; with REST the partial rest states and
-    # rest [N] = log Σ_{v∉ids} p_v
-    lse_ptr,
-    ent_ptr,
-    rm_ptr,
-    rs_ptr,
-    rest_ptr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    REST: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
-    s_mask = offs_s < splits
-    m = tl.load(m_ptr + offs_s * N + row, mask=s_mask, other=float("-inf"))
-    s = tl.load(s_ptr + offs_s * N + row, mask=s_mask, other=0.0)
-    t = tl.load(t_ptr + offs_s * N + row, mask=s_mask, other=0.0)
-    m_max, total, centred = reduce_stats(m, s, t, 0)
-    lse = m_max + tl.log(total)
-    tl.store(lse_ptr + row, lse)
-    tl.store(ent_ptr + row, tl.log(total) - centred / total)
-    if REST:
-        rm = tl.load(rm_ptr + offs_s * N + row, mask=s_mask, other=float("-inf"))
-        rs = tl.load(rs_ptr + offs_s * N + row, mask=s_mask, other=0.0)
-        top = tl.max(rm, 0)
-        safe = tl.where(top == float("-inf"), 0.0, top)
-        rest_total = tl.sum(rs * tl.exp(rm - safe), 0)
-        tl.store(rest_ptr + row, safe + tl.log(rest_total) - lse)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < k
-    x = tl.load(logp_ptr + row * k + offs_k, mask=k_mask, other=0.0)
-    tl.store(logp_ptr + row * k + offs_k, x - lse, mask=k_mask)
-
-
-@jit
-def _logprobs_bwd_dlogits_kernel(
-    # inputs: hidden [N,H], weight [V,H]; this launch covers columns [v0, v0 + chunk)
-    h_ptr,
-    stride_h,
-    w_ptr,
-    stride_w,
-    N,
-    V,
-    H,
-    v0,
-    chunk,
-    inv_tau,
-    # per row (float32 [N]): logsumexp, entropy, Σ_j g_j − g_lse (+ g_rest), g_ent; with
-    # REST the rest (clamped to a finite floor) and its upstream grad g_rest
-    lse_ptr,
-    ent_ptr,
-    coef_ptr,
-    gent_ptr,
-    rest_ptr,
-    grest_ptr,
-    # per slot: ids [N,K], upstream grads g [N,K] (float32)
-    ids_ptr,
-    g_ptr,
-    # output: dlogits [N, chunk] in the input dtype, row stride given
-    dz_ptr,
-    stride_dz,
-    K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    REST: tl.constexpr,
-):
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_v = v0 + offs_c.to(tl.int64)
-    v_mask = (offs_c < chunk) & (offs_v < V)
-    logits = _logits_tile(
-        h_ptr=h_ptr,
-        stride_h=stride_h,
-        w_ptr=w_ptr,
-        stride_w=stride_w,
-        H=H,
-        offs_n=offs_n,
-        n_mask=n_mask,
-        offs_v=offs_v,
-        v_mask=v_mask,
-        BLOCK_N=BLOCK_N,
-        BLOCK_V=BLOCK_V,
-        BLOCK_H=BLOCK_H,
-        UPCAST=UPCAST,
-        PRECISION=PRECISION,
-    )
-    x = logits * inv_tau
-    lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
-    ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
-    coef = tl.load(coef_ptr + offs_n, mask=n_mask, other=0.0)
-    g_ent = tl.load(gent_ptr + offs_n, mask=n_mask, other=0.0)
-    logp = x - lse[:, None]
-    dz = -tl.exp(logp) * (coef[:, None] + g_ent[:, None] * (logp + ent[:, None]))
-    if REST:  # + g_rest · p_v / e^rest at the columns that hold no id
-        rest = tl.load(rest_ptr + offs_n, mask=n_mask, other=0.0)
-        g_rest = tl.load(grest_ptr + offs_n, mask=n_mask, other=0.0)
-        first = (v0 + tl.program_id(1) * BLOCK_V).to(tl.int64)
-        is_id = _id_columns(ids_ptr, offs_n, n_mask, first, K, BLOCK_V)
-        outside = tl.exp(logp - rest[:, None]) * g_rest[:, None]
-        dz += tl.where(is_id, 0.0, outside)
-    for j in range(K):
-        id_j = tl.load(ids_ptr + offs_n * K + j, mask=n_mask, other=-1).to(tl.int64)
-        col_j = (id_j - v0).to(tl.int32)
-        g_j = tl.load(g_ptr + offs_n * K + j, mask=n_mask, other=0.0)
-        dz += tl.where(offs_c[None, :] == col_j[:, None], g_j[:, None], 0.0)
-    tl.store(
-        dz_ptr + offs_n[:, None] * stride_dz + offs_c[None, :],
-        (dz * inv_tau).to(dz_ptr.dtype.element_ty),
-        mask=n_mask[:, None] & v_mask[None, :],
-    )
-
-
-@jit
-def _matmul_accumulate_kernel(
-    # a [M,Kd] and b [Kd,P] (row strides given, unit column strides)
-    a_ptr,
-    stride_a,
-    b_ptr,
-    stride_b,
-    # c [M,P] float32 accumulator (row stride given): c += a @ b
-    c_ptr,
-    stride_c,
-    M,
-    P,
-    Kd,
-    BLOCK_M: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_KD: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_mask = offs_m < M
-    p_mask = offs_p < P
-    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-    for k0 in range(0, Kd, BLOCK_KD):
-        offs_k = k0 + tl.arange(0, BLOCK_KD)
-        k_mask = offs_k < Kd
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_a + offs_k[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + offs_k.to(tl.int64)[:, None] * stride_b + offs_p[None, :],
-            mask=k_mask[:, None] & p_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:  # Triton's CPU interpreter computes 16-bit dots wrongly
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_c + offs_p[None, :]
-    c_mask = m_mask[:, None] & p_mask[None, :]
-    tl.store(c_ptrs, tl.load(c_ptrs, mask=c_mask, other=0.0) + acc, mask=c_mask)
-
-
-# ---------------------------------------------------------------------------------------
 # Launchers: check, allocate, launch
 # ---------------------------------------------------------------------------------------
 
@@ -524,24 +196,32 @@ def _matmul_config(dtype: torch.dtype) -> dict:
     )
 
 
-def _vocab_splits(n_blocks: int, V: int, block_v: int, device: torch.device) -> tuple[int, int]:
-    """`(splits, span)`: the forward grid's vocabulary axis; `span` is a multiple of BLOCK_V."""
-    target = 2 * sm_count(device) if device.type == "cuda" else _INTERPRETER_SPLITS
+def vocab_splits(
+    n_blocks: int, V: int, block_v: int, device: torch.device, num_sms: int | None = None
+) -> tuple[int, int]:
+    """`(splits, span)`: the forward grid's vocabulary axis; `span` is a multiple of BLOCK_V.
+
+    On CUDA about two programs per SM (`num_sms`: the device's unless given, e.g. to plan
+    for another GPU); in the CPU interpreter `_INTERPRETER_SPLITS`."""
+    if num_sms is None and device.type == "cuda":
+        num_sms = sm_count(device)
+    target = 2 * num_sms if num_sms is not None else _INTERPRETER_SPLITS
     v_blocks = cdiv(V, block_v)
     wanted = max(1, min(v_blocks, cdiv(target, n_blocks)))
     span = cdiv(v_blocks, wanted) * block_v
     return cdiv(V, span), span
 
 
-def _vocab_chunk(N: int, V: int, element_size: int, block_v: int) -> int:
+def vocab_chunk(N: int, V: int, element_size: int, block_v: int) -> int:
     """Columns per backward chunk: the `[N, C]` buffer holds about DLOGITS_BUDGET_BYTES."""
     columns = DLOGITS_BUDGET_BYTES // max(1, N * element_size)
     return min(V, max(block_v, columns // block_v * block_v))
 
 
-def _logprobs_forward(hidden, weight, ids, temperature, need_rest=False):
+def launch_logprobs_forward(hidden, weight, ids, temperature, need_rest=False, num_sms=None):
     """`(logprobs [N,k], logsumexp [N], entropy [N], rest [N])` float32 (rest empty unless
-    `need_rest`); `[N,H]`, `[V,H]`, `[N,k]`."""
+    `need_rest`); `[N,H]`, `[V,H]`, `[N,k]`; `num_sms` plans the grid for a GPU of that many
+    SMs (`vocab_splits`)."""
     N, H = hidden.shape
     V, k = weight.shape[0], ids.shape[1]
     dev = hidden.device
@@ -553,7 +233,7 @@ def _logprobs_forward(hidden, weight, ids, temperature, need_rest=False):
         return logp, lse, ent, rest
     cfg = _tile_config(N, hidden.dtype)
     n_blocks = cdiv(N, cfg["BLOCK_N"])
-    splits, span = _vocab_splits(n_blocks, V, cfg["BLOCK_V"], dev)
+    splits, span = vocab_splits(n_blocks, V, cfg["BLOCK_V"], dev, num_sms)
     partial = torch.empty(5 if need_rest else 3, splits, N, dtype=torch.float32, device=dev)
     inputs = dict(h_ptr=hidden, stride_h=hidden.stride(0), w_ptr=weight, stride_w=weight.stride(0))
     states = dict(m_ptr=partial[0], s_ptr=partial[1], t_ptr=partial[2])
@@ -561,7 +241,7 @@ def _logprobs_forward(hidden, weight, ids, temperature, need_rest=False):
         rm_ptr=partial[3] if need_rest else partial[0],
         rs_ptr=partial[4] if need_rest else partial[0],
     )
-    _logprobs_fwd_partial_kernel[(n_blocks, splits)](
+    logprobs_fwd_partial_kernel[(n_blocks, splits)](
         N=N,
         V=V,
         H=H,
@@ -576,7 +256,7 @@ def _logprobs_forward(hidden, weight, ids, temperature, need_rest=False):
         **rest_states,
         **cfg,
     )
-    _logprobs_fwd_finalize_kernel[(N,)](
+    logprobs_fwd_finalize_kernel[(N,)](
         splits=splits,
         N=N,
         k=k,
@@ -599,7 +279,7 @@ def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Non
     P = b.shape[1]
     cfg = _matmul_config(a.dtype)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(P, cfg["BLOCK_P"]))
-    _matmul_accumulate_kernel[grid](
+    matmul_accumulate_kernel[grid](
         a_ptr=a,
         stride_a=a.stride(0),
         b_ptr=b,
@@ -613,7 +293,7 @@ def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Non
     )
 
 
-def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
+def launch_logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
     """`(dh [N,H] or None, dW [V,H] or None)`, the vocabulary streamed in chunks."""
     hidden, weight, ids, lse, ent, rest = saved
     g_logp, g_lse, g_ent, g_rest = grads
@@ -634,12 +314,12 @@ def _logprobs_backward(saved, grads, temperature, need_hidden, need_weight):
     coef = coef.contiguous()
     g_ent = g_ent.float().contiguous()
     cfg = _tile_config(N, hidden.dtype)
-    chunk = _vocab_chunk(N, V, hidden.element_size(), cfg["BLOCK_V"])
+    chunk = vocab_chunk(N, V, hidden.element_size(), cfg["BLOCK_V"])
     dz = torch.empty(N, chunk, dtype=hidden.dtype, device=dev)
     for v0 in range(0, V, chunk):
         width = min(chunk, V - v0)
         dz_chunk = dz[:, :width]
-        _logprobs_bwd_dlogits_kernel[(cdiv(N, cfg["BLOCK_N"]), cdiv(width, cfg["BLOCK_V"]))](
+        logprobs_bwd_dlogits_kernel[(cdiv(N, cfg["BLOCK_N"]), cdiv(width, cfg["BLOCK_V"]))](
             h_ptr=hidden,
             stride_h=hidden.stride(0),
             w_ptr=weight,
@@ -690,7 +370,9 @@ class MixtureLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ids, temperature, need_rest=False):
         with device_guard(hidden.device):
-            logp, lse, ent, rest = _logprobs_forward(hidden, weight, ids, temperature, need_rest)
+            logp, lse, ent, rest = launch_logprobs_forward(
+                hidden, weight, ids, temperature, need_rest
+            )
         ctx.save_for_backward(hidden, weight, ids, lse, ent, rest)
         ctx.temperature = temperature
         return logp, lse, ent, rest
@@ -701,7 +383,7 @@ class MixtureLogprobsFunction(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         saved = ctx.saved_tensors
         with device_guard(saved[0].device):
-            grad_hidden, grad_weight = _logprobs_backward(
+            grad_hidden, grad_weight = launch_logprobs_backward(
                 saved, (g_logp, g_lse, g_ent, g_rest), ctx.temperature, need_hidden, need_weight
             )
         return grad_hidden, grad_weight, None, None, None

@@ -1,9 +1,10 @@
-"""Verifiable rewards: Reasoning Gym's `score_answer` on the `<answer>` text, plus format terms.
+"""Verifiable rewards: the task's verifier on the `<answer>` text, plus format terms; and the
+reward functions the trainer calls, which never crash a run.
 
 The completion is the model's text after the prompt's ``<think>``. For each completion:
 
 - ``answer``: the text inside the last ``<answer>…</answer>`` (stripped), ``None`` if there is none;
-- ``score``: the dataset's ``score_answer(answer, entry)`` clipped to [0, 1]; a missing answer, a
+- ``score``: the task's ``score_answer(answer, entry)`` clipped to [0, 1]; a missing answer, a
   scorer that raises, or a non-finite score gives 0 (a reward never crashes training); a
   scorer that raises is reported in ``scorer_error`` (the trainer counts and reports these);
 - ``correct``: ``score == 1`` (what accuracy counts);
@@ -21,6 +22,9 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from tqdm.auto import tqdm
+
+from .base import ScoreFn, TaskItem
 from .prompting import ANSWER_END, ANSWER_START, THINK_END
 
 _ANSWER_RE = re.compile(re.escape(ANSWER_START) + r"(.*?)" + re.escape(ANSWER_END), re.DOTALL)
@@ -35,7 +39,8 @@ _FORMAT_RE = re.compile(
     re.DOTALL,
 )
 
-ScoreFn = Callable[[str | None, dict], float]
+# (completions, items) -> (rewards, correct) or (rewards, correct, a RewardReport / failures)
+RewardFn = Callable[[list[str], list], tuple]
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def checked_score(
 def score_completion(
     completion: str, entry: dict, score_answer: ScoreFn, weights: RewardWeights = RewardWeights()
 ) -> RewardResult:
-    """Score one completion against a Reasoning Gym ``entry`` (see the module docstring)."""
+    """Score one completion against a task ``entry`` (see the module docstring)."""
     answer = extract_answer(completion)
     score, error = checked_score(score_answer, answer, entry)
     correct = score >= 1.0
@@ -140,14 +145,63 @@ def score_completions(
 
 
 def score_items(
-    completions: list[str], items: list, task_set=None, weights: RewardWeights = RewardWeights()
+    completions: list[str], items: list[TaskItem], weights: RewardWeights = RewardWeights()
 ) -> list[RewardResult]:
-    """Score completions of :class:`~motg_fast.tasks.TaskItem` s: ``completions[n]`` answers
-    ``items[n]``, scored by the ``score_answer`` of its own task (``task_set``'s when given,
-    else the item's own).
-    """
-    if task_set is not None:
-        scorers = [task_set.scorer(item.task) for item in items]
-    else:
-        scorers = [item.score_function() for item in items]
+    """Score completions of task items: ``completions[n]`` answers ``items[n]``, scored by
+    the verifier of its own task (``item.scorer``)."""
+    scorers = [item.scorer for item in items]
     return score_completions(completions, [item.entry for item in items], scorers, weights)
+
+
+@dataclass(frozen=True)
+class RewardReport:
+    """What a reward function may return third: its own failures (e.g. verifiers that raised)
+    and which completions earned only the format reward (None: unknown)."""
+
+    failures: int = 0
+    format_only: list[bool] | None = None
+
+
+def task_reward(weights: RewardWeights) -> RewardFn:
+    """Reward function over (completions, items): shaped reward, correctness (0/1) and a
+    `RewardReport` (verifiers that raised, scored 0 and reported in one line)."""
+
+    def reward(completions: list[str], items: list) -> tuple:
+        results = score_items(completions, items, weights)
+        errors = [(item.task, r.scorer_error) for item, r in zip(items, results) if r.scorer_error]
+        if errors:
+            task, error = errors[0]
+            tqdm.write(
+                f"warning: {len(errors)} answer(s) made a verifier raise, scored 0 "
+                f"(first: {task}: {error})"
+            )
+        report = RewardReport(
+            failures=len(errors),
+            format_only=[r.score == 0 and (r.think_closed or r.answer_format) for r in results],
+        )
+        return [r.reward for r in results], [float(r.correct) for r in results], report
+
+    return reward
+
+
+def safe_rewards(reward_fn: RewardFn, completions: list[str], items: list):
+    """Rewards that never kill training: a raising or malformed reward scores 0 (and says so).
+
+    Returns `(rewards, correct, report)`. A reward function returns `(rewards, correct)`, or
+    a third value: a `RewardReport`, or an int of failures of its own (added to
+    `report.failures`, which is 1 when the function itself raised).
+    """
+    try:
+        rewards, correct, *extra = reward_fn(completions, items)
+        rewards = [float(r) for r in rewards]
+        correct = [float(c) for c in correct]
+        if len(rewards) != len(completions) or len(correct) != len(completions):
+            raise ValueError("reward function returned the wrong number of values")
+        clean = [r if r == r and abs(r) != float("inf") else 0.0 for r in rewards]
+        report = extra[0] if extra else RewardReport()
+        if not isinstance(report, RewardReport):
+            report = RewardReport(failures=int(report))
+        return clean, correct, report
+    except Exception as exc:  # noqa: BLE001 - a broken reward must never end a run
+        tqdm.write(f"warning: reward function raised {type(exc).__name__}: {exc}; scoring 0")
+        return [0.0] * len(completions), [0.0] * len(completions), RewardReport(failures=1)

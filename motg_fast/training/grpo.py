@@ -24,13 +24,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..kernels.spec import check_choice
+
 ADVANTAGE_SCALINGS = ("group", "batch", "none")
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
 
 
 def group_advantages(
@@ -44,7 +41,7 @@ def group_advantages(
     group whose rewards are all equal gets exactly zero advantages (never NaN, even with
     `eps = 0`).
     """
-    _check_choice("advantage scaling", scaling, ADVANTAGE_SCALINGS)
+    check_choice("advantage scaling", scaling, ADVANTAGE_SCALINGS)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size:
@@ -121,7 +118,7 @@ def aggregate(
     `max_len` is the `dr_grpo` normaliser (the configured maximum completion length);
     it defaults to T. Sequences with no position contribute zero under `grpo`.
     """
-    _check_choice("aggregation", mode, AGGREGATIONS)
+    check_choice("aggregation", mode, AGGREGATIONS)
     weights = mask.to(per_position.dtype)
     total = per_position * weights
     if mode == "grpo":
@@ -135,10 +132,37 @@ def aggregate(
     return total.sum() / normaliser
 
 
+def batch_share(
+    mode: str, *, rows: int, tokens: float, rows_total: float, tokens_total: float
+) -> float:
+    """The share of the global batch's loss that one micro-batch's aggregated loss stands
+    for (`rows` trajectories with `tokens` scored positions, of `rows_total` and
+    `tokens_total` over every micro-batch and process): summing `share × loss` over the
+    micro-batches gives the global batch's loss under `mode` (see the module docstring)."""
+    check_choice("aggregation", mode, AGGREGATIONS)
+    if mode == "dapo":
+        return tokens / max(tokens_total, 1.0)
+    return rows / max(rows_total, 1.0)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over the positions where `mask` holds (0 when it holds nowhere)."""
     weights = mask.to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def _check_loss_args(logp, old_logp, mask, eps_low, eps_high, beta, ref_logp) -> None:
+    if logp.shape != old_logp.shape or logp.shape != mask.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
+            f"{tuple(mask.shape)} must share one shape [B,T]"
+        )
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip epsilons must be >= 0, got {eps_low}, {eps_high}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp from the reference model")
 
 
 def grpo_loss(
@@ -171,17 +195,7 @@ def grpo_loss(
         `(loss, metrics)`; metrics hold 0-dim detached tensors: `objective`, `ratio_mean`,
         `clip_fraction`, `kl` (when a reference is given).
     """
-    if logp.shape != old_logp.shape or logp.shape != mask.shape:
-        raise ValueError(
-            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
-            f"{tuple(mask.shape)} must share one shape [B,T]"
-        )
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"clip epsilons must be >= 0, got {eps_low}, {eps_high}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if beta > 0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp from the reference model")
+    _check_loss_args(logp, old_logp, mask, eps_low, eps_high, beta, ref_logp)
     if slots is None:
         objective, ratio, clipped = clipped_surrogate(
             logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high

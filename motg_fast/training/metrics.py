@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from ..files import write_text_atomic
+from ..kernels import renormalised_logprobs
+from ..types import Phase, Trajectories
 from .grpo import masked_mean
-from .kernels import renormalised_logprobs
-from .types import Phase, Trajectories
 
 # Curves drawn at the end of a run, in this order, when present in the metrics.
 PLOTTED = (
@@ -46,9 +46,7 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in self.read() if r.get("step", 0) <= resume_step] if resume_step else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as handle:

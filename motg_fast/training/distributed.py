@@ -1,4 +1,5 @@
-"""FSDP2 support: full parameters for code that reads the policy outside its forward.
+"""Processes: the run's `Accelerator`, and FSDP2 support (full parameters for code that
+reads the policy outside its forward).
 
 Under `accelerate launch --use_fsdp --fsdp_version 2`, accelerate shards the prepared
 `PolicyScorer` with `torch.distributed.fsdp.fully_shard`: between forwards each process
@@ -25,6 +26,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from accelerate import Accelerator
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -76,3 +78,38 @@ def full_state_dict(accelerator, scorer: torch.nn.Module) -> dict | None:
         return None
     state = accelerator.get_state_dict(scorer)
     return {key.removeprefix("model."): value for key, value in state.items()}
+
+
+def tracker_config(config) -> dict:
+    """The config as trackers take it: numbers, strings and booleans (others as text)."""
+    scalar = (int, float, str, bool)
+    return {k: v if isinstance(v, scalar) else str(v) for k, v in config.to_dict().items()}
+
+
+def make_accelerator(
+    device: str, report_to: str = "none", run_dir: str | None = None
+) -> Accelerator:
+    """The run's `Accelerator`: `auto` (CUDA with bf16 autocast when present), `cpu` or `cuda`.
+
+    One process per GPU is accelerate's to place (`accelerate launch`); a GPU index is
+    chosen with `CUDA_VISIBLE_DEVICES`, not `--device cuda:N`.
+    """
+    from ..models import resolve_device
+
+    if device not in ("auto", "cpu", "cuda"):
+        resolve_device(device)  # an unknown name: its own one-line error
+        raise ValueError(
+            f"--device {device} is not supported for training: each process uses the GPU "
+            "accelerate gives it; pick GPUs with CUDA_VISIBLE_DEVICES (e.g. "
+            "CUDA_VISIBLE_DEVICES=1) and --device cuda or auto"
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    trackers = [t for t in report_to.split(",") if t and t != "none"] or None
+    return Accelerator(
+        cpu=not use_cuda,
+        mixed_precision="bf16" if use_cuda else "no",
+        log_with=trackers,
+        project_dir=run_dir,
+    )

@@ -27,15 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import (
+from ..kernels import (
     MixtureSpec,
     action_logprob,
     mixture_embed,
     mixture_logprobs,
     renormalised_logprobs,
 )
-from .kernels.gaussian import gaussian_input_noise, gaussian_log_density
-from .types import Phase, Trajectories, left_pad
+from ..kernels.gaussian import gaussian_input_noise, gaussian_log_density
+from ..types import Phase, Trajectories, left_pad
 
 
 @dataclass
@@ -84,7 +84,7 @@ def build_sequence_batch(traj: Trajectories) -> SequenceBatch:
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:
     """The base decoder (returns final-normed hidden states) and the LM-head weight `[V,H]`."""
     config = getattr(model, "config", None)
     for name in _LOGIT_TRANSFORMS:
@@ -153,6 +153,18 @@ def rollout_inputs(traj: Trajectories, spec: MixtureSpec, frozen: FrozenEmbeddin
     with torch.no_grad():
         mixed = frozen.mix(traj.ids, traj.weights).float()
         return mixed + input_noise(traj, spec, frozen.rows.shape[1])
+
+
+def with_rollout_inputs(
+    inputs: torch.Tensor, traj: Trajectories, spec: MixtureSpec, frozen, start: int
+) -> torch.Tensor:
+    """`inputs [N,L,H]` with each fed-back thinking position (from `start + 1`) replaced by
+    the `x` the rollout fed (`rollout_inputs`): Gaussian soft tokens' actions."""
+    t = traj.ids.shape[1]
+    fed = rollout_inputs(traj, spec, frozen)[:, : t - 1].to(inputs.dtype)
+    thinking = (traj.phase[:, : t - 1] == Phase.MIXTURE).unsqueeze(-1)
+    fed = torch.where(thinking, fed, inputs[:, start + 1 :])
+    return torch.cat([inputs[:, : start + 1], fed], dim=1)
 
 
 def gaussian_loglik(
@@ -286,7 +298,7 @@ def shared_prompt_forward(
     """
     from transformers import DynamicCache
 
-    from .models import cache_argument
+    from ..models import cache_argument
 
     p = batch.prompt_length
     prompt_of_row, first_row = (index.to(inputs.device) for index in shared)
@@ -338,7 +350,7 @@ def score_trajectories(
     (`shared_prompt_forward`: the same function, G× less prompt compute for G rows).
     """
     batch = build_sequence_batch(traj)
-    decoder, head_weight = _decoder_and_head(model)
+    decoder, head_weight = decoder_and_head(model)
     embedding = model.get_input_embeddings().weight
     inputs = mixture_embed(
         embedding, batch.input_ids, batch.input_weights, deterministic=deterministic
@@ -347,10 +359,7 @@ def score_trajectories(
     start = batch.prompt_length - 1
     if spec.noise_std > 0:  # thinking positions feed the rollout's own x (see the docstring)
         frozen = frozen or FrozenEmbedding.of(embedding, traj.ids)
-        fed = rollout_inputs(traj, spec, frozen)[:, : t - 1].to(inputs.dtype)
-        thinking = (traj.phase[:, : t - 1] == Phase.MIXTURE).unsqueeze(-1)
-        fed = torch.where(thinking, fed, inputs[:, start + 1 :])
-        inputs = torch.cat([inputs[:, : start + 1], fed], dim=1)
+        inputs = with_rollout_inputs(inputs, traj, spec, frozen, start)
     shared = distinct_prompts(traj.prompt_ids) if share_prompt else None
     if shared is not None and can_share_prompt(model):
         hidden = shared_prompt_forward(decoder, inputs, batch, shared)
@@ -366,21 +375,8 @@ def score_trajectories(
         hidden, head_weight, traj.ids, temperature=spec.temperature, return_rest=need_rest
     )
     rest = rest[0] if rest else None
-    ell = action_loglik(
-        logprobs,
-        traj,
-        spec,
-        likelihood=likelihood,
-        rest_logprob=rest,
-        embedding=embedding,
-        frozen=frozen,
-    )
+    options = dict(likelihood=likelihood, rest_logprob=rest, embedding=embedding, frozen=frozen)
+    ell = action_loglik(logprobs, traj, spec, **options)
     fed = inputs[:, start + 1 : start + t].detach().float().norm(dim=-1)
     embed_norm = torch.nn.functional.pad(fed, (0, 1))
-    return PolicyScores(
-        logprobs=logprobs,
-        rest_logprob=rest,
-        action_logprob=ell,
-        embed_norm=embed_norm,
-        hidden=hidden,
-    )
+    return PolicyScores(logprobs, rest, ell, embed_norm, hidden)

@@ -55,14 +55,14 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..kernels import MixtureSpec, mixture_step
+from ..kernels.gaussian import gaussian_input_noise
+from ..models import cache_argument
+from ..types import Phase, Trajectories, left_pad
 from .cache import PreallocatedCache, check_layer_types
+from .checks import check_length, check_prompts, check_run, resolve_eos, resolve_pad
 from .decode_state import Active, Known, Plan, Record, Step
-from .kernels import MixtureSpec, mixture_step
-from .kernels.gaussian import gaussian_input_noise
-from .kernels.spec import check_k
 from .marker import MarkerMatcher, decode_token_texts
-from .models import cache_argument
-from .types import Phase, Trajectories, left_pad
 
 __all__ = ["RolloutEngine"]
 
@@ -70,19 +70,6 @@ __all__ = ["RolloutEngine"]
 # --------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------
-
-
-def _as_id_list(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
-def _maybe(fn, value):
-    """`fn(value)`, or None for None."""
-    return None if value is None else fn(value)
 
 
 class RolloutEngine:
@@ -119,14 +106,14 @@ class RolloutEngine:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.max_new_tokens = self._check_length(max_new_tokens)
+        self.max_new_tokens = check_length(max_new_tokens)
         self.think_end = think_end
         self.device = self.embedding.device
         self.vocab_size = self.embedding.shape[0]
         self.config = model.config.get_text_config(decoder=True)
         check_layer_types(self.config)
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
-        self.eos_token_ids = self._resolve_eos(eos_token_ids)
+        self.eos_token_ids = resolve_eos(eos_token_ids, tokenizer, model, self.vocab_size)
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=self.device)
         if compact_fraction is not None and not 0 < compact_fraction <= 1:
             raise ValueError(
@@ -139,7 +126,7 @@ class RolloutEngine:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
         self.sync_every = sync_every
         self.backend = backend
-        self.pad_token_id = self._resolve_pad()
+        self.pad_token_id = resolve_pad(tokenizer, self.eos_token_ids, self.vocab_size)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._cache_kwarg = cache_argument(model)
         self._matcher: MarkerMatcher | None = None
@@ -152,34 +139,6 @@ class RolloutEngine:
         """The input embedding `[V,H]`, read on each use: FSDP2 swaps the parameter object
         when it gathers the full weights (see `motg_fast.distributed`)."""
         return self.model.get_input_embeddings().weight
-
-    @staticmethod
-    def _check_length(max_new_tokens) -> int:
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        return max_new_tokens
-
-    def _resolve_eos(self, eos_token_ids) -> list[int]:
-        if eos_token_ids is not None:
-            ids = _as_id_list(eos_token_ids)
-        else:
-            ids = _as_id_list(getattr(self.tokenizer, "eos_token_id", None))
-            generation_config = getattr(self.model, "generation_config", None)
-            ids += _as_id_list(getattr(generation_config, "eos_token_id", None))
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"eos token ids {bad} lie outside the vocabulary [0, {self.vocab_size})"
-            )
-        return sorted(set(ids))
-
-    def _resolve_pad(self) -> int:
-        for value in (getattr(self.tokenizer, "pad_token_id", None), *self.eos_token_ids, 0):
-            if value is not None and 0 <= value < self.vocab_size:
-                return int(value)
-        return 0
 
     @property
     def marker_ids(self) -> torch.Tensor:
@@ -196,48 +155,6 @@ class RolloutEngine:
             texts = decode_token_texts(self.tokenizer, self.vocab_size)
             self._matcher = MarkerMatcher(self.think_end, texts, self.device)
         return self._matcher
-
-    # ---- input checks -----------------------------------------------------------------
-
-    def _check_prompts(self, prompt_ids, max_new_tokens: int) -> list[list[int]]:
-        if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
-            raise ValueError("prompt_ids is empty: pass a non-empty list of token-id lists")
-        prompts = []
-        for index, prompt in enumerate(prompt_ids):
-            if isinstance(prompt, torch.Tensor):
-                prompt = prompt.tolist()
-            if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
-                raise ValueError(f"prompt {index} is empty: every prompt needs at least one token")
-            ids = [int(t) for t in prompt]
-            if min(ids) < 0 or max(ids) >= self.vocab_size:
-                raise ValueError(
-                    f"prompt {index} holds token ids outside the vocabulary [0, {self.vocab_size})"
-                )
-            self._check_context(index, len(ids), max_new_tokens)
-            prompts.append(ids)
-        return prompts
-
-    def _check_context(self, index: int, length: int, max_new_tokens: int) -> None:
-        limit = self.max_positions
-        if limit is None:
-            return
-        if length > limit:
-            raise ValueError(
-                f"prompt {index} has {length} tokens, more than the model's context of {limit} "
-                "positions (max_position_embeddings)"
-            )
-        if length + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt {index} ({length} tokens) plus max_new_tokens={max_new_tokens} exceeds "
-                f"the model's context of {limit} positions (max_position_embeddings)"
-            )
-
-    def _check_run(self, group_size: int, spec: MixtureSpec) -> None:
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-            raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-        if not isinstance(spec, MixtureSpec):
-            raise TypeError(f"spec must be a MixtureSpec, got {type(spec).__name__}")
-        check_k(spec.k, self.vocab_size)
 
     # ---- public API -------------------------------------------------------------------
 
@@ -272,11 +189,9 @@ class RolloutEngine:
         Returns:
             `Trajectories` with texts, stop reasons, entropy, group index and engine stats.
         """
-        steps = self._check_length(
-            self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        )
-        prompts = self._check_prompts(prompt_ids, steps)
-        self._check_run(group_size, spec)
+        steps = check_length(self.max_new_tokens if max_new_tokens is None else max_new_tokens)
+        prompts = check_prompts(prompt_ids, steps, self.vocab_size, self.max_positions)
+        check_run(group_size, spec, self.vocab_size)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -515,42 +430,12 @@ class RolloutEngine:
     # ---- result -----------------------------------------------------------------------
 
     def _finish(self, plan: Plan, record: Record, stats: dict) -> Trajectories:
-        alive = record.alive.T  # [N,T] completion mask
-        lengths = alive.sum(1)
-        longest = max(int(lengths.max()), 1)
-        alive = alive[:, :longest].contiguous()
-
-        def rows_first(buffer: torch.Tensor) -> torch.Tensor:
-            out = buffer[:longest].transpose(0, 1)
-            keep = alive.view(*alive.shape, *([1] * (out.dim() - 2)))
-            return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-        ids, token = rows_first(record.ids), rows_first(record.token)
-        tokens = token.tolist()
-        lengths_list = lengths.tolist()
+        """The recorded steps as trajectories, with texts and stop reasons (EOS or length)."""
+        traj = record.trajectories(plan, stats)
         eos = set(self.eos_token_ids)
-        reasons, texts = [], []
-        for row, length in zip(tokens, lengths_list, strict=True):
+        for row, length in zip(traj.token.tolist(), traj.lengths.tolist(), strict=True):
             stopped = length > 0 and row[length - 1] in eos
-            reasons.append("eos" if stopped else "length")
-            texts.append(
-                self.tokenizer.decode(row[: length - int(stopped)], skip_special_tokens=False)
-            )
-        n_rows = len(tokens)
-        return Trajectories(
-            prompt_ids=plan.row_prompts(),
-            ids=ids,
-            weight_logits=rows_first(record.weight_logits),
-            mask=rows_first(record.mask),
-            logprobs=rows_first(record.logprobs),
-            token_slot=rows_first(record.token_slot),
-            phase=rows_first(record.phase),
-            texts=texts,
-            stop_reasons=reasons,
-            group=torch.arange(n_rows, device=self.device) // plan.group_size,
-            noise_seed=plan.noise_seed,
-            entropy=rows_first(record.entropy),
-            rest_logprob=_maybe(rows_first, record.rest_logprob),
-            logits=_maybe(rows_first, record.logits),
-            stats=stats,
-        )
+            traj.stop_reasons.append("eos" if stopped else "length")
+            text = self.tokenizer.decode(row[: length - int(stopped)], skip_special_tokens=False)
+            traj.texts.append(text)
+        return traj

@@ -28,6 +28,24 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 CACHE_WEIGHT_CASTS = True
 _weight_casts: dict[int, tuple] = {}  # id(weight) -> (weakref, stamp, detached cast)
 _step_hook = None
+_casts_made = 0  # every copy `_cast_weight` has made in this process
+
+
+def weight_casts_made() -> int:
+    """How many cached LM-head copies to another dtype this process has made so far: the
+    difference over a training step counts that step's casts."""
+    return _casts_made
+
+
+def cached_cast(weight: torch.Tensor) -> torch.Tensor | None:
+    """The cached cast copy of `weight` (None when the cache holds none)."""
+    entry = _weight_casts.get(id(weight))
+    return entry[2] if entry is not None and entry[0]() is weight else None
+
+
+def cached_cast_count() -> int:
+    """How many weights the cache holds a cast of."""
+    return len(_weight_casts)
 
 
 def clear_weight_cast_cache() -> None:
@@ -42,6 +60,8 @@ def _clear_after_optimizer_step(optimizer, args, kwargs) -> None:
 
 def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The one place that copies the LM head to another dtype (detached)."""
+    global _casts_made
+    _casts_made += 1
     return weight.detach().to(dtype)
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import MixtureSpec
+from ..kernels import MixtureSpec
+from ..types import Trajectories
 
 
 @dataclass
@@ -110,6 +111,37 @@ class Record:
             self.rest_logprob[t].index_copy_(0, rows, step.rest_logprob.float())
         if self.logits is not None:
             self.logits[t].index_copy_(0, rows, logits.float())
+
+    def trajectories(self, plan: Plan, stats: dict) -> Trajectories:
+        """The recorded steps as `Trajectories` `[N,T,…]` (rows first, zero past each row's
+        end, T the longest row; texts and stop reasons left to the caller)."""
+        alive = self.alive.T  # [N,T] completion mask
+        longest = max(int(alive.sum(1).max()), 1)
+        alive = alive[:, :longest].contiguous()
+
+        def rows_first(buffer: torch.Tensor | None) -> torch.Tensor | None:
+            if buffer is None:
+                return None
+            out = buffer[:longest].transpose(0, 1)
+            keep = alive.view(*alive.shape, *([1] * (out.dim() - 2)))
+            return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+        rows = alive.shape[0]
+        return Trajectories(
+            prompt_ids=plan.row_prompts(),
+            ids=rows_first(self.ids),
+            weight_logits=rows_first(self.weight_logits),
+            mask=rows_first(self.mask),
+            logprobs=rows_first(self.logprobs),
+            token_slot=rows_first(self.token_slot),
+            phase=rows_first(self.phase),
+            group=torch.arange(rows, device=alive.device) // plan.group_size,
+            noise_seed=plan.noise_seed,
+            entropy=rows_first(self.entropy),
+            rest_logprob=rows_first(self.rest_logprob),
+            logits=rows_first(self.logits),
+            stats=stats,
+        )
 
 
 @dataclass

@@ -36,17 +36,17 @@ from .mixture_math import inverse_temperature
 CHUNK_BUDGET_BYTES = 256 * 2**20
 
 
-def _row_chunk(N: int, V: int) -> int:
+def row_chunk(N: int, V: int) -> int:
     """Rows per forward chunk: the float32 `[C, V]` block holds about CHUNK_BUDGET_BYTES."""
     return max(1, min(N, CHUNK_BUDGET_BYTES // max(1, 4 * V)))
 
 
-def _column_chunk(N: int, V: int) -> int:
+def column_chunk(N: int, V: int) -> int:
     """Columns per backward chunk: the float32 `[N, C]` block holds about CHUNK_BUDGET_BYTES."""
     return max(1, min(V, CHUNK_BUDGET_BYTES // max(1, 4 * N)))
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     """Scaled float32 logits `h Wᵀ/τ` of one chunk (`[n,H]`, `[c,H]` → `[n,c]`): the GEMM in
     the inputs' dtype (as an eager LM head), then float32, as the reference."""
     return (hidden @ weight.t()).float().mul_(inverse_temperature(temperature))
@@ -69,7 +69,7 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     return acc.add_(a @ b)
 
 
-def _chunked_forward(hidden, weight, ids, temperature, need_entropy, need_rest):
+def chunked_forward(hidden, weight, ids, temperature, need_entropy, need_rest):
     """`(logprobs [N,k], logsumexp [N], entropy [N], rest [N])` (entropy and rest empty when
     not asked for): whole rows, a chunk at a time."""
     N, V = hidden.shape[0], weight.shape[0]
@@ -78,10 +78,10 @@ def _chunked_forward(hidden, weight, ids, temperature, need_entropy, need_rest):
     lse = torch.empty(N, dtype=torch.float32, device=dev)
     ent = torch.empty(N if need_entropy else 0, dtype=torch.float32, device=dev)
     rest = torch.empty(N if need_rest else 0, dtype=torch.float32, device=dev)
-    rows = _row_chunk(N, V)
+    rows = row_chunk(N, V)
     for n0 in range(0, N, rows):
         part = slice(n0, n0 + rows)
-        x = _chunk_logits(hidden[part], weight, temperature)  # [C,V]
+        x = chunk_logits(hidden[part], weight, temperature)  # [C,V]
         lse[part] = torch.logsumexp(x, dim=-1)
         x.sub_(lse[part, None])  # now log p: the logits at the ids and the lse share x
         logp[part] = x.gather(1, ids[part])
@@ -93,7 +93,7 @@ def _chunked_forward(hidden, weight, ids, temperature, need_entropy, need_rest):
     return logp, lse, ent, rest
 
 
-def _chunked_backward(saved, grads, temperature, need_hidden, need_weight, need_entropy):
+def chunked_backward(saved, grads, temperature, need_hidden, need_weight, need_entropy):
     """`(dh [N,H] or None, dW [V,H] or None)`, the vocabulary in column chunks: each chunk's
     `dW` rows come from one GEMM (no cross-chunk accumulation of `[V,H]`), `dh` sums the
     chunks' products in a float32 `[N,H]` buffer (`_accumulate_product`)."""
@@ -111,11 +111,11 @@ def _chunked_backward(saved, grads, temperature, need_hidden, need_weight, need_
         coef = coef + g_rest
         rest_floor = rest.clamp(min=torch.finfo(torch.float32).min)  # ids cover every p > 0
     coef = coef[:, None]
-    cols = _column_chunk(N, V)
+    cols = column_chunk(N, V)
     for v0 in range(0, V if N else 0, cols):
         w_chunk = weight[v0 : v0 + cols]
         width = w_chunk.shape[0]
-        dz = _chunk_logits(hidden, w_chunk, temperature).sub_(lse[:, None])  # log p [N,C]
+        dz = chunk_logits(hidden, w_chunk, temperature).sub_(lse[:, None])  # log p [N,C]
         local = ids - v0
         inside = (local >= 0) & (local < width)
         outside = None
@@ -164,7 +164,7 @@ class ChunkedLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, ids, temperature, need_entropy, need_rest):
-        logp, lse, ent, rest = _chunked_forward(
+        logp, lse, ent, rest = chunked_forward(
             hidden, weight, ids, temperature, need_entropy, need_rest
         )
         ctx.save_for_backward(hidden, weight, ids, lse, ent, rest)
@@ -176,7 +176,7 @@ class ChunkedLogprobsFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_lse, g_ent, g_rest):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden, grad_weight = _chunked_backward(
+        grad_hidden, grad_weight = chunked_backward(
             ctx.saved_tensors,
             (g_logp, g_lse, g_ent, g_rest),
             ctx.temperature,

@@ -25,11 +25,12 @@ import dataclasses
 import json
 import math
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-from reasoning_gym.factory import CURRICULA, DATASETS, create_curriculum, get_score_answer_fn
+from reasoning_gym.factory import CURRICULA, DATASETS, create_curriculum
+
+from .base import TaskItem, TaskSet
 
 PAPER_TASKS: tuple[str, ...] = (
     "acre",
@@ -179,41 +180,9 @@ def dataset_config(task: str, options: Mapping[str, Any], *, seed: int, size: in
     return config
 
 
-@dataclass(frozen=True)
-class TaskItem:
-    """One question of one task: the Reasoning Gym entry plus where it came from.
-
-    ``answer`` is the dataset's reference answer; it is ``None`` for datasets that accept many
-    answers (e.g. ``graph_color``), which score through ``entry['metadata']``.
-    """
-
-    task: str
-    index: int
-    entry: dict = field(repr=False, compare=False)
-    scorer: Callable[[str | None, dict], float] | None = field(
-        default=None, repr=False, compare=False
-    )
-
-    @property
-    def question(self) -> str:
-        """The question text shown to the model."""
-        return self.entry["question"]
-
-    @property
-    def answer(self) -> str | None:
-        """The dataset's reference answer (``None`` where the metadata holds it)."""
-        return self.entry.get("answer")
-
-    def score_function(self) -> Callable[[str | None, dict], float]:
-        """The ``score_answer(answer, entry)`` of the dataset this item came from.
-
-        Items built without one (by hand) fall back to the task's default-config dataset.
-        """
-        return self.scorer if self.scorer is not None else get_score_answer_fn(self.task)
-
-
-class Task:
-    """One Reasoning Gym dataset with its train/held-out split (see the module docstring)."""
+class ReasoningGymTask:
+    """One Reasoning Gym dataset with its train/held-out split (see the module docstring):
+    a :class:`~motg_fast.tasks.base.Task`."""
 
     def __init__(
         self,
@@ -278,37 +247,6 @@ class Task:
         return self.dataset.score_answer(answer, entry)
 
 
-class TaskSet:
-    """A weighted mix of tasks with reproducible, disjoint train and held-out items.
-
-    Training draws pick a task with probability proportional to its weight, then a training item
-    of it uniformly (:meth:`sample_train`). Held-out evaluation takes the same number of items
-    from every task (:meth:`heldout`), whatever the weights.
-    """
-
-    def __init__(self, tasks: Mapping[str, Task], weights: Mapping[str, float]) -> None:
-        self.tasks = dict(tasks)
-        self.weights = {name: float(weights[name]) for name in self.tasks}
-
-    @property
-    def names(self) -> list[str]:
-        """Task names in spec order."""
-        return list(self.tasks)
-
-    def sample_train(self, n: int, rng: random.Random) -> list[TaskItem]:
-        """``n`` training items drawn with replacement from the weighted mix."""
-        names = rng.choices(self.names, weights=[self.weights[t] for t in self.names], k=n)
-        return [self.tasks[name].sample_train(rng) for name in names]
-
-    def heldout(self, per_task: int | None = None) -> list[TaskItem]:
-        """Up to ``per_task`` held-out items of every task, task by task."""
-        return [item for task in self.tasks.values() for item in task.heldout(per_task)]
-
-    def scorer(self, task: str) -> Callable[[str | None, dict], float]:
-        """The ``score_answer(answer, entry)`` function of ``task``."""
-        return self.tasks[task].score_answer
-
-
 def build_tasks(
     spec: str,
     options: str | Mapping[str, Any] | None = None,
@@ -325,7 +263,9 @@ def build_tasks(
     weights = parse_task_spec(spec)
     per_task = parse_task_options(options, list(weights))
     tasks = {
-        name: Task(name, per_task[name], size=size, seed=seed, heldout_fraction=heldout_fraction)
+        name: ReasoningGymTask(
+            name, per_task[name], size=size, seed=seed, heldout_fraction=heldout_fraction
+        )
         for name in weights
     }
     return TaskSet(tasks, weights)
@@ -342,9 +282,7 @@ def check_tasks(spec: str, options: str | Mapping[str, Any] | None = None) -> No
 __all__ = [
     "PAPER_TASKS",
     "TASK_PRESETS",
-    "Task",
-    "TaskItem",
-    "TaskSet",
+    "ReasoningGymTask",
     "available_tasks",
     "build_tasks",
     "check_tasks",

@@ -5,11 +5,10 @@ One training step:
     μ optimisation passes, each over micro-batches with gradient accumulation, each ending
     in one optimizer step (clip, AdamW, warm-up schedule).
 
-The training forward (`policy.score_trajectories`) rebuilds inputs with `mixture_embed` from
-the stored ids and weights and scores actions with `mixture_logprobs` and the configured
-likelihood. With μ = 1 the old log-likelihoods come from the rollout itself (no extra
-forward); with μ > 1 from one no-grad forward before the passes. A frozen reference model
-exists only when β > 0.
+The optimisation (`step.GRPOStep`) scores actions with the training forward
+(`policy.score_trajectories`: `mixture_embed` → decoder → `mixture_logprobs` → the configured
+likelihood), old log-likelihoods from the rollout or one no-grad forward, the loss
+(`grpo.grpo_loss`) and the optimizer. A frozen reference model exists only when β > 0.
 
 Scale-out: under `accelerate launch`, every process rolls out its own prompt groups
 (`prompts_per_step` is per process), gradients are averaged by DDP, metrics are averaged
@@ -19,14 +18,12 @@ the same trajectory as one process with N·B prompts.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +31,13 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from ..evaluation.heldout import evaluate, format_gain_table, heldout_gain, result_of
+from ..files import write_json_atomic
+from ..rollout.engine import RolloutEngine
+from ..seeding import derived_seed
+from ..tasks.prompting import THINK_END, build_prompts
+from ..tasks.rewards import RewardFn, safe_rewards, task_reward
+from ..types import Phase, Trajectories
 from .checkpoint import (
     LoadedCheckpoint,
     checkpoint_step,
@@ -44,10 +48,8 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .distributed import full_parameters, full_state_dict, plain
-from .engine import RolloutEngine
-from .evaluate import format_gain_table, heldout_gain, write_result
-from .grpo import SlotTerms, group_advantages, grpo_loss, masked_mean
+from .distributed import full_parameters, full_state_dict, make_accelerator, tracker_config
+from .grpo import group_advantages
 from .metrics import (
     MetricsLog,
     StallGuard,
@@ -55,39 +57,11 @@ from .metrics import (
     signal_statistics,
     token_statistics,
 )
-from .policy import FrozenEmbedding, action_loglik, score_trajectories, slot_loglik
-from .prompting import THINK_END, build_prompts
-from .rewards import RewardWeights, score_items
-from .seeding import derived_seed
-from .types import Phase, Trajectories
+from .step import GRPOStep, PolicyScorer
 
 EVAL_BEFORE = "eval_before.json"  # held-out evaluation of the model before training
 EVAL_AFTER = "eval_after.json"  # … and of the trained policy
 HELDOUT_SUMMARY = "heldout.json"  # both summaries and the gains with their intervals
-
-# (completions, items) -> (rewards, correct) or (rewards, correct, failures reported)
-RewardFn = Callable[[list[str], list], tuple]
-
-
-class PolicyScorer(torch.nn.Module):
-    """The policy as one module whose forward scores trajectories (so DDP sees it)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, traj: Trajectories, config, frozen=None) -> tuple:
-        scores = score_trajectories(
-            self.model,
-            traj,
-            config.spec,
-            likelihood=config.likelihood,
-            frozen=frozen,
-            deterministic=config.deterministic,
-            share_prompt=config.share_prompt,
-        )
-        slots = slot_loglik(scores.logprobs, traj) if config.clip_per_slot else None
-        return scores.action_logprob, scores.embed_norm, slots
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
@@ -102,95 +76,6 @@ def format_record(record: dict, steps: int) -> str:
         f"accuracy {record['correct']:.3f}, loss {record['loss']:.4f}, "
         f"length {record['completion_length']:.1f}, "
         f"{record['generated_tokens_per_s']:.0f} tokens/s"
-    )
-
-
-def reasoning_gym_reward(task_set, weights: RewardWeights) -> RewardFn:
-    """Reward function over (completions, items): shaped reward, correctness (0/1) and the
-    number of answers whose Reasoning Gym scorer raised (scored 0, reported in one line)."""
-
-    def reward(completions: list[str], items: list) -> tuple:
-        results = score_items(completions, items, task_set, weights)
-        errors = [(item.task, r.scorer_error) for item, r in zip(items, results) if r.scorer_error]
-        if errors:
-            task, error = errors[0]
-            tqdm.write(
-                f"warning: {len(errors)} answer(s) made a Reasoning Gym scorer raise, scored 0 "
-                f"(first: {task}: {error})"
-            )
-        report = RewardReport(
-            failures=len(errors),
-            format_only=[r.score == 0 and (r.think_closed or r.answer_format) for r in results],
-        )
-        return [r.reward for r in results], [float(r.correct) for r in results], report
-
-    return reward
-
-
-@dataclass(frozen=True)
-class RewardReport:
-    """What a reward function may return third: its own failures (e.g. scorers that raised)
-    and which completions earned only the format reward (None: unknown)."""
-
-    failures: int = 0
-    format_only: list[bool] | None = None
-
-
-def safe_rewards(reward_fn: RewardFn, completions: list[str], items: list):
-    """Rewards that never kill training: a raising or malformed reward scores 0 (and says so).
-
-    Returns `(rewards, correct, report)`. A reward function returns `(rewards, correct)`, or
-    a third value: a `RewardReport`, or an int of failures of its own (added to
-    `report.failures`, which is 1 when the function itself raised).
-    """
-    try:
-        rewards, correct, *extra = reward_fn(completions, items)
-        rewards = [float(r) for r in rewards]
-        correct = [float(c) for c in correct]
-        if len(rewards) != len(completions) or len(correct) != len(completions):
-            raise ValueError("reward function returned the wrong number of values")
-        clean = [r if r == r and abs(r) != float("inf") else 0.0 for r in rewards]
-        report = extra[0] if extra else RewardReport()
-        if not isinstance(report, RewardReport):
-            report = RewardReport(failures=int(report))
-        return clean, correct, report
-    except Exception as exc:  # noqa: BLE001 - a broken reward must never end a run
-        tqdm.write(f"warning: reward function raised {type(exc).__name__}: {exc}; scoring 0")
-        return [0.0] * len(completions), [0.0] * len(completions), RewardReport(failures=1)
-
-
-def tracker_config(config) -> dict:
-    """The config as trackers take it: numbers, strings and booleans (others as text)."""
-    scalar = (int, float, str, bool)
-    return {k: v if isinstance(v, scalar) else str(v) for k, v in config.to_dict().items()}
-
-
-def make_accelerator(
-    device: str, report_to: str = "none", run_dir: str | None = None
-) -> Accelerator:
-    """The run's `Accelerator`: `auto` (CUDA with bf16 autocast when present), `cpu` or `cuda`.
-
-    One process per GPU is accelerate's to place (`accelerate launch`); a GPU index is
-    chosen with `CUDA_VISIBLE_DEVICES`, not `--device cuda:N`.
-    """
-    from .models import resolve_device
-
-    if device not in ("auto", "cpu", "cuda"):
-        resolve_device(device)  # an unknown name: its own one-line error
-        raise ValueError(
-            f"--device {device} is not supported for training: each process uses the GPU "
-            "accelerate gives it; pick GPUs with CUDA_VISIBLE_DEVICES (e.g. "
-            "CUDA_VISIBLE_DEVICES=1) and --device cuda or auto"
-        )
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    trackers = [t for t in report_to.split(",") if t and t != "none"] or None
-    return Accelerator(
-        cpu=not use_cuda,
-        mixed_precision="bf16" if use_cuda else "no",
-        log_with=trackers,
-        project_dir=run_dir,
     )
 
 
@@ -215,7 +100,6 @@ class Trainer:
         reward_fn: RewardFn | None = None,
         accelerator: Accelerator | None = None,
     ) -> None:
-        config.validate()
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.accelerator = accelerator or make_accelerator(
@@ -232,7 +116,7 @@ class Trainer:
         self.model, self.tokenizer = self._load_policy(model, tokenizer)
         self.ref_model = self._reference_model() if config.beta > 0 else None
         self.task_set = task_set if task_set is not None else self._build_tasks()
-        self.reward_fn = reward_fn or reasoning_gym_reward(self.task_set, config.reward_weights())
+        self.reward_fn = reward_fn or task_reward(config.reward_weights())
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.lr,
@@ -246,6 +130,9 @@ class Trainer:
         # The scheduler stays unprepared: accelerate would step it once per process.
         self.scorer, self.optimizer = self.accelerator.prepare(
             PolicyScorer(self.model), self.optimizer
+        )
+        self.step = GRPOStep(
+            config, self.accelerator, self.scorer, self.optimizer, self.scheduler, self.ref_model
         )
         self.engine = RolloutEngine(
             self.model, self.tokenizer, max_new_tokens=config.max_new_tokens, think_end=THINK_END
@@ -265,7 +152,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def _load_policy(self, model, tokenizer):
-        from .models import load_model, load_tokenizer
+        from ..models import load_model, load_tokenizer
 
         source = str(self.resumed.model_dir) if self.resumed else self.config.model
         if model is None:
@@ -291,7 +178,7 @@ class Trainer:
     def _reference_model(self) -> torch.nn.Module:
         """A frozen copy of the initial policy (on resume: reloaded from `config.model`)."""
         if self.resumed is not None:
-            from .models import load_model
+            from ..models import load_model
 
             ref = load_model(
                 self.config.model,
@@ -305,7 +192,7 @@ class Trainer:
         return ref
 
     def _build_tasks(self):
-        from .tasks import build_tasks
+        from ..tasks.reasoning_gym import build_tasks
 
         c = self.config
         return build_tasks(
@@ -351,7 +238,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- one step
     @torch.no_grad()
-    def _step_items(self, step: int) -> tuple[list, int]:
+    def step_items(self, step: int) -> tuple[list, int]:
         """This process's prompts for `step` and the global index of the first one.
 
         The global batch (`prompts_per_step` × processes) is drawn from one seed and sliced
@@ -373,7 +260,7 @@ class Trainer:
         depend only on (seed, step, global batch layout), not on the number of processes.
         """
         c = self.config
-        items, first = self._step_items(step)
+        items, first = self.step_items(step)
         prompts = build_prompts(
             self.tokenizer,
             [item.question for item in items],
@@ -404,139 +291,6 @@ class Trainer:
             traj.format_only = torch.tensor(report.format_only, device=traj.ids.device)
         return traj
 
-    def _micro_batches(self, n: int) -> list[list[int]]:
-        size = -(-n // self.config.grad_accum)
-        return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
-
-    def _global_sum(self, value: float) -> float:
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(tensor, reduction="sum").item())
-
-    def _loss_scale(self, traj_mb: Trajectories, n_global: float, tokens_global: float) -> float:
-        """Weight of a micro-batch's aggregated loss so the accumulated sum is the global one.
-
-        DDP averages gradients over processes, hence the factor `num_processes`.
-        """
-        world = self.accelerator.num_processes
-        n_mb = traj_mb.ids.shape[0]
-        if self.config.aggregation == "dapo":
-            return world * float(traj_mb.loss_mask.sum()) / tokens_global
-        return world * n_mb / n_global
-
-    def optimise(self, traj: Trajectories, advantages: torch.Tensor) -> dict[str, float]:
-        """μ passes over the batch; returns averaged loss metrics and the last grad norm."""
-        c = self.config
-        n = traj.ids.shape[0]
-        n_global = self._global_sum(n)
-        tokens_global = self._global_sum(float(traj.loss_mask.sum()))
-        chunks = self._micro_batches(n)
-        frozen = None
-        with full_parameters(self.scorer):
-            if c.spec.noise_std > 0:  # the actions' inputs, before any update moves E
-                frozen = FrozenEmbedding.of(self.model.get_input_embeddings().weight, traj.ids)
-            old, old_slots = self._old_logprobs(traj, chunks, frozen)
-        ref = self._ref_logprobs(traj, chunks, frozen) if self.ref_model is not None else None
-        sums: dict[str, torch.Tensor] = {}  # device tensors: one host sync at the end
-        grad_norm = 0.0
-        for _ in range(c.mu):
-            for i, rows in enumerate(chunks):
-                sync = i == len(chunks) - 1
-                ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.scorer)
-                with ctx, self.accelerator.autocast():
-                    mb = traj.select(rows)
-                    ell, embed_norm, slots = self.scorer(mb, c, frozen)
-                    t = ell.shape[1]
-                    if slots is not None:  # each slot's own ratio (clip_per_slot)
-                        slots = SlotTerms(slots[0].float(), old_slots[i][:, :t], slots[1])
-                    loss, m = grpo_loss(
-                        ell.float(),
-                        old[i][:, :t],
-                        advantages[rows],
-                        mb.loss_mask,
-                        eps_low=c.eps_low,
-                        eps_high=c.eps_high,
-                        beta=c.beta,
-                        ref_logp=None if ref is None else ref[i][:, :t],
-                        aggregation=c.aggregation,
-                        max_len=c.max_new_tokens,
-                        slots=slots,
-                    )
-                    self.accelerator.backward(loss * self._loss_scale(mb, n_global, tokens_global))
-                thinking = mb.phase == Phase.MIXTURE
-                m["embed_norm"] = masked_mean(embed_norm, thinking)
-                m["loss"] = loss.detach()
-                for key, value in m.items():
-                    sums[key] = sums.get(key, 0.0) + value.detach().float() / (len(chunks) * c.mu)
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] = plain(grad_norm).detach().float()
-        keys = list(sums)
-        record = dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))
-        record["lr"] = self.scheduler.get_last_lr()[0]
-        return record
-
-    @torch.no_grad()
-    def old_from_rollout(self) -> bool:
-        """Whether the old log-likelihoods come from the rollout's own log-probs: only with
-        μ = 1, and (`old_logprobs="auto"`) not under 16-bit autocast, where the cached decode
-        and the training forward round differently (about 1e-2 in log-prob on a tiny model
-        in bf16), which would enter every importance ratio."""
-        c = self.config
-        if c.mu > 1 or c.old_logprobs == "forward":
-            return False
-        return c.old_logprobs == "rollout" or self.accelerator.mixed_precision == "no"
-
-    def _old_logprobs(self, traj: Trajectories, chunks, frozen) -> tuple[list, list]:
-        """Per micro-batch `[n,T]` log-likelihoods, and their per-slot terms `[n,T,k]` with
-        `clip_per_slot` (else None): from the rollout or a no-grad forward
-        (`old_from_rollout`)."""
-        c = self.config
-        if not self.old_from_rollout():
-            return self._policy_logprobs(self.model, traj, chunks, frozen, slots=True)
-        embedding = self.model.get_input_embeddings().weight.detach()
-        old, old_slots = [], []
-        for mb in (traj.select(rows) for rows in chunks):
-            old.append(
-                action_loglik(
-                    mb.logprobs,
-                    mb,
-                    c.spec,
-                    likelihood=c.likelihood,
-                    rest_logprob=mb.rest_logprob,
-                    embedding=embedding,
-                    frozen=frozen,
-                ).float()
-            )
-            old_slots.append(slot_loglik(mb.logprobs, mb)[0] if c.clip_per_slot else None)
-        return old, old_slots
-
-    @torch.no_grad()
-    def _ref_logprobs(self, traj: Trajectories, chunks, frozen) -> list[torch.Tensor]:
-        return self._policy_logprobs(self.ref_model, traj, chunks, frozen)[0]
-
-    def _policy_logprobs(self, model, traj, chunks, frozen, slots: bool = False):
-        """Per micro-batch `[n,T]` action log-likelihoods under `model`, without grad, and
-        (with `slots` and `clip_per_slot`) their per-slot terms `[n,T,k]`, else Nones."""
-        c = self.config
-        out, out_slots = [], []
-        with torch.no_grad(), self.accelerator.autocast():
-            for rows in chunks:
-                mb = traj.select(rows)
-                scores = score_trajectories(
-                    model,
-                    mb,
-                    c.spec,
-                    likelihood=c.likelihood,
-                    frozen=frozen,
-                    share_prompt=c.share_prompt,
-                )
-                out.append(scores.action_logprob.float())
-                per_slot = slots and c.clip_per_slot
-                out_slots.append(slot_loglik(scores.logprobs, mb)[0].float() if per_slot else None)
-        return out, out_slots
-
     def train_step(self, step: int) -> dict[str, float]:
         """One GRPO step (rollout + optimisation); returns its metrics (averaged over ranks)."""
         c = self.config
@@ -547,7 +301,7 @@ class Trainer:
             traj.rewards.device
         )
         start = time.perf_counter()
-        record = self.optimise(traj, advantages)
+        record = self.step(traj, advantages)
         train_time = time.perf_counter() - start
         lengths = traj.lengths.float()
         record.update(token_statistics(traj))
@@ -562,7 +316,7 @@ class Trainer:
             train_time=train_time,
             generated_tokens_per_s=float(lengths.sum()) / max(rollout_time, 1e-9),
             reward_failures=float(self.reward_failures),
-            step_tokens=self._global_sum(float(traj.num_tokens)),  # all processes' rollouts
+            step_tokens=self.step.global_sum(float(traj.num_tokens)),  # all processes' rollouts
         )
         return self._reduce(record)
 
@@ -616,8 +370,6 @@ class Trainer:
         """
         from accelerate.utils import gather_object
 
-        from .evaluate import evaluate, result_of
-
         world = self.accelerator.num_processes
         items = self.task_set.heldout(self.config.eval_questions)[self.rank :: world]
         records, tokens, start = [], 0, time.perf_counter()
@@ -638,7 +390,7 @@ class Trainer:
             records, tokens = result["completions"], result["tokens"]
         if world > 1:
             records = gather_object(records)
-            tokens = int(self._global_sum(float(tokens)))
+            tokens = int(self.step.global_sum(float(tokens)))
         elapsed = time.perf_counter() - start
         return result_of(records, self.config.eval_samples, time_s=elapsed, tokens=tokens)
 
@@ -658,7 +410,7 @@ class Trainer:
             return None
         result = self.heldout_result()
         if self.accelerator.is_main_process:
-            write_result(result, path)
+            write_json_atomic(path, result)
         return result
 
     def final_evaluation(self, before: dict[str, Any] | None) -> dict[str, Any]:
@@ -670,8 +422,8 @@ class Trainer:
             summary["before"] = before["overall"]
             summary["gain"] = heldout_gain(before, after)
         if self.accelerator.is_main_process:
-            write_result(after, self.run_dir / EVAL_AFTER)
-            write_result(summary, self.run_dir / HELDOUT_SUMMARY)
+            write_json_atomic(self.run_dir / EVAL_AFTER, after)
+            write_json_atomic(self.run_dir / HELDOUT_SUMMARY, summary)
             if before is not None:
                 print(format_gain_table(summary["gain"]), flush=True)
         return summary

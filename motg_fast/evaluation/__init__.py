@@ -1,0 +1,1 @@
+"""Held-out evaluation, statistics (bootstrap intervals) and seeded comparisons."""

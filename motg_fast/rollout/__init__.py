@@ -1,0 +1,1 @@
+"""The rollout engine: KV cache, decode state, thinking-marker automaton, `RolloutEngine`."""

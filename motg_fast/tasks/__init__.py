@@ -1,0 +1,1 @@
+"""Tasks: the `Task` protocol, Reasoning Gym, prompts, rewards and verifiers."""

@@ -1,0 +1,1 @@
+"""GRPO training: the loop, one optimisation step, the policy scorer, loss, checkpoints."""
