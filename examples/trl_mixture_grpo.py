@@ -1,6 +1,6 @@
 """MoT-G GRPO with TRL on a Reasoning Gym task: a starting point for TRL users.
 
-    python examples/trl_mixture_grpo.py                    # embedded SmolLM2-135M, CPU-sized
+    python examples/trl_mixture_grpo.py                    # the default job's settings
     python examples/trl_mixture_grpo.py --max_steps 2 --num_generations 2 \\
         --per_device_train_batch_size 2 --max_completion_length 16     # a seconds-long smoke run
     accelerate launch examples/trl_mixture_grpo.py --model /path/to/Qwen2.5-1.5B-Instruct \\
@@ -14,8 +14,10 @@ with the mixture flags of `MixtureGRPOConfig` (`--mixture_k`, `--mixture_selecti
 `--tasks`, `--task_options`, `--num_prompts`, `--dataset_size`).
 
 Prompts are motg_fast's reasoning format (the chat template, then `<think>`); the reward is
-motg_fast's: 2 x Reasoning Gym's score of the `<answer>` text plus format terms, with the
-accuracy logged as `accuracy`.
+motg_fast's: 2 x the task's score of the `<answer>` text plus format terms, with the
+accuracy logged as `accuracy`. Every default is that of `python -m motg_fast.train` (the
+config parts' defaults: prompt, reward, task, G, prompts per step, steps, learning rate, τ,
+completion length, k).
 """
 
 from __future__ import annotations
@@ -29,36 +31,42 @@ import torch
 from datasets import Dataset
 from transformers import HfArgumentParser
 
+from motg_fast.config import DecodingConfig, ModelConfig, TaskConfig, TrainingConfig
 from motg_fast.integrations.trl import MixtureGRPOConfig, MixtureGRPOTrainer
-from motg_fast.models import DEFAULT_MODEL, load_model, load_tokenizer
-from motg_fast.tasks.prompting import SYSTEM_PROMPT, prompt_text
-from motg_fast.tasks.reasoning_gym import TaskSet, build_tasks
+from motg_fast.models import load_model, load_tokenizer
+from motg_fast.tasks.base import TaskSet
+from motg_fast.tasks.prompting import prompt_text
+from motg_fast.tasks.reasoning_gym import build_tasks
 from motg_fast.tasks.rewards import RewardWeights, score_items
+
+# The defaults of `python -m motg_fast.train`, read from its config parts.
+TASK, DECODING, TRAINING = TaskConfig(), DecodingConfig(), TrainingConfig()
 
 
 @dataclass
 class ScriptArguments:
     """The model and the data; the training options are `MixtureGRPOConfig`'s."""
 
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model name or local path"})
-    tasks: str = field(default="basic_arithmetic", metadata={"help": "Reasoning Gym tasks"})
+    model: str = field(default=ModelConfig().model, metadata={"help": "model name or path"})
+    tasks: str = field(default=TASK.tasks, metadata={"help": "Reasoning Gym tasks"})
     task_options: str = field(
-        default='{"*": {"difficulty": 0}}', metadata={"help": "JSON of per-task options"}
+        default=TASK.task_options, metadata={"help": "JSON of per-task options"}
     )
     num_prompts: int = field(default=256, metadata={"help": "training questions drawn"})
-    dataset_size: int = field(default=1000, metadata={"help": "items generated per task"})
-    system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "system prompt"})
+    dataset_size: int = field(default=TASK.dataset_size, metadata={"help": "items per task"})
+    system_prompt: str = field(default=TASK.system_prompt, metadata={"help": "system prompt"})
 
 
-# CPU-sized defaults (any flag overrides them).
+# The default job's settings (any flag overrides them): G trajectories of 4 prompts a step.
 DEFAULTS = dict(
     output_dir="runs/trl_motg",
-    max_steps=30,
-    per_device_train_batch_size=4,
-    num_generations=4,
-    max_completion_length=128,
-    learning_rate=1e-5,
-    temperature=0.9,
+    max_steps=TRAINING.steps,
+    per_device_train_batch_size=TRAINING.group_size * TRAINING.prompts_per_step,
+    num_generations=TRAINING.group_size,
+    max_completion_length=DECODING.max_new_tokens,
+    learning_rate=TRAINING.lr,
+    temperature=DECODING.temperature,
+    mixture_k=DECODING.k,
     logging_steps=1,
     save_strategy="no",
     report_to="none",
@@ -87,8 +95,9 @@ def build_dataset(task_set: TaskSet, tokenizer, script: ScriptArguments, seed: i
 
 
 def reasoning_gym_reward(task_set: TaskSet, weights: RewardWeights | None = None) -> Callable:
-    """A TRL reward function scoring completions against their Reasoning Gym items."""
-    weights = weights or RewardWeights()
+    """A TRL reward function scoring completions against their Reasoning Gym items (the
+    default job's reward weights unless given)."""
+    weights = weights or TASK.reward_weights()
 
     def reasoning_gym(completions, task, index, log_metric=None, **kwargs) -> list[float]:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from motg_fast.tasks.prompting import (
-    SYSTEM_PROMPT,
+    DEFAULT_SYSTEM_PROMPT,
     THINK_START,
     build_prompt,
     plain_prompt,
@@ -51,7 +51,7 @@ def test_reference_answers_score_one_and_wrong_ones_do_not(task_set, task):
     items = task_set.tasks[task].heldout()
     if task in NONE_ANSWER_TASKS:
         assert all(item.answer is None for item in items)
-    strict = RewardWeights(partial_credit=False)
+    strict = RewardWeights(correctness=2.0, think=0.5, format=0.5, partial_credit=False)
     for item in items:
         good = score_items([formatted(reference_answer(item))], [item], strict)[0]
         assert good.correct and good.score == 1.0
@@ -85,7 +85,8 @@ def test_malformed_completions_score_zero_and_never_raise(task_set, task, comple
     assert not result.answer_format
     if result.answer is None:  # nothing to score: exactly 0
         assert result.score == 0.0
-    strict = score_items([completion], [item], RewardWeights(partial_credit=False))[0]
+    weights = RewardWeights(correctness=2.0, think=0.5, format=0.5, partial_credit=False)
+    strict = score_items([completion], [item], weights)[0]
     assert strict.reward == 0.5 * strict.think_closed  # no correctness, no answer format
 
 
@@ -130,8 +131,10 @@ def test_reward_weights_and_partial_credit():
         return 0.25
 
     text = " t </think><answer>ab</answer>"
-    paper = score_completion(text, entry, partial)
-    assert paper.score == 0.25 and not paper.correct
+    default = score_completion(text, entry, partial)
+    assert default.score == 0.25 and not default.correct
+    assert default.reward == pytest.approx(2 * 0.25 + 0.0 + 0.25)
+    paper = score_completion(text, entry, partial, RewardWeights(2.0, 0.5, 0.5))
     assert paper.reward == pytest.approx(2 * 0.25 + 0.5 + 0.5)
     custom = RewardWeights(correctness=1.0, think=0.1, format=0.0, partial_credit=False)
     assert score_completion(text, entry, partial, custom).reward == pytest.approx(0.1)
@@ -159,7 +162,7 @@ def test_prompt_uses_the_chat_template_and_prefills_think():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     prompt = build_prompt(tokenizer, "What is 2+2?")
-    assert prompt.text == f"<|system|>{SYSTEM_PROMPT}\n<|user|>What is 2+2?\n<|assistant|><think>"
+    assert prompt.text == f"<|system|>{DEFAULT_SYSTEM_PROMPT}\n<|user|>What is 2+2?\n<|assistant|><think>"
     assert prompt.ids == tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(prompt.ids) == prompt.text and not prompt.truncated
 

@@ -79,7 +79,7 @@ def _store_at_ids(
 def _id_columns(ids_ptr, offs_n, n_mask, v0, K: tl.constexpr, BLOCK_V: tl.constexpr):
     """`[BLOCK_N, BLOCK_V]` bool: the tile's columns (v0…) that hold one of the row's ids."""
     offs_c = tl.arange(0, BLOCK_V)
-    hit = offs_c[None, :] < 0
+    hit = (offs_n[:, None] < 0) & (offs_c[None, :] < 0)  # all False, [BLOCK_N, BLOCK_V]
     for j in range(K):
         id_j = tl.load(ids_ptr + offs_n * K + j, mask=n_mask, other=-1)
         hit = hit | (offs_c[None, :] == (id_j - v0)[:, None])

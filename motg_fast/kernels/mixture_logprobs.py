@@ -160,11 +160,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _tile_config(N: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options of the logits-tile kernels."""
+def _tile_config(N: int, dtype: torch.dtype, rest: bool = False) -> dict:
+    """Block sizes and launch options of the logits-tile kernels (`rest`: at most 64 rows)."""
     if triton_interpreter_on():
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=32, UPCAST=True, PRECISION="ieee")
-    block_n = max(16, min(128, next_pow2(N)))
+    block_n = max(16, min(64 if rest else 128, next_pow2(N)))
     block_v = 128
     block_h = 32 if dtype == torch.float32 else 64
     precision = _dot_precision(dtype)
@@ -231,7 +231,7 @@ def launch_logprobs_forward(hidden, weight, ids, temperature, need_rest=False, n
     rest = torch.empty(N if need_rest else 0, dtype=torch.float32, device=dev)
     if N == 0:
         return logp, lse, ent, rest
-    cfg = _tile_config(N, hidden.dtype)
+    cfg = _tile_config(N, hidden.dtype, need_rest)
     n_blocks = cdiv(N, cfg["BLOCK_N"])
     splits, span = vocab_splits(n_blocks, V, cfg["BLOCK_V"], dev, num_sms)
     partial = torch.empty(5 if need_rest else 3, splits, N, dtype=torch.float32, device=dev)
@@ -313,7 +313,7 @@ def launch_logprobs_backward(saved, grads, temperature, need_hidden, need_weight
         rest = rest.clamp(min=torch.finfo(torch.float32).min).contiguous()  # ids cover all p>0
     coef = coef.contiguous()
     g_ent = g_ent.float().contiguous()
-    cfg = _tile_config(N, hidden.dtype)
+    cfg = _tile_config(N, hidden.dtype, need_rest)
     chunk = vocab_chunk(N, V, hidden.element_size(), cfg["BLOCK_V"])
     dz = torch.empty(N, chunk, dtype=hidden.dtype, device=dev)
     for v0 in range(0, V, chunk):

@@ -18,8 +18,8 @@ SYSTEM_PROMPT = (
     "Always reply with two parts: your reasoning inside <think> </think>, then the final answer "
     "inside <answer> </answer>. Example: <think> 2 + 3 = 5 </think> <answer>5</answer>"
 )
-"""A task-neutral system prompt asking for the reasoning format (the paper preset's, the
-TRL example's, and the default of the prompt functions)."""
+"""A task-neutral system prompt asking for the reasoning format (the paper preset's; give
+tasks other than arithmetic this or a prompt of their own)."""
 
 ARITHMETIC_SYSTEM_PROMPT = (
     "You solve arithmetic. Think briefly inside <think> </think>, then write only the final "
@@ -28,9 +28,13 @@ ARITHMETIC_SYSTEM_PROMPT = (
     "Question: Calculate -2 * 5.\n<think> -2 * 5 = -10 </think> <answer>-10</answer>\n"
     "Question: Calculate 9 - -3.\n<think> 9 - -3 = 9 + 3 = 12 </think> <answer>12</answer>"
 )
-"""The default run's system prompt: the format with three worked examples of the default
-task (a 135M model follows the format from examples, rarely from instructions alone); for
-another task use :data:`SYSTEM_PROMPT` or a prompt of its own (``--system_prompt``)."""
+"""The format with three worked examples of the default task (a 135M model follows the
+format from examples, rarely from instructions alone)."""
+
+DEFAULT_SYSTEM_PROMPT = ARITHMETIC_SYSTEM_PROMPT
+"""The one default system prompt: of the command line, the config, the prompt functions and
+the examples (the default task's: for another task use :data:`SYSTEM_PROMPT` or a prompt
+of its own, ``--system_prompt``)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class Prompt:
     truncated: bool = False
 
 
-def plain_prompt(question: str, system_prompt: str = SYSTEM_PROMPT) -> str:
+def plain_prompt(question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
     """The prompt text for tokenizers without a chat template (no trailing ``<think>``)."""
     return f"{system_prompt}\n\nQuestion: {question}\n\nAnswer: "
 
@@ -52,7 +56,7 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def prompt_text(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT) -> str:
+def prompt_text(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
     """The full prompt text for ``question``, ending with the prefilled ``<think>``."""
     if has_chat_template(tokenizer):
         messages = [
@@ -93,7 +97,7 @@ def build_prompt(
     tokenizer,
     question: str,
     *,
-    system_prompt: str = SYSTEM_PROMPT,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     max_prompt_tokens: int | None = None,
 ) -> Prompt:
     """Format ``question`` in the reasoning format and tokenize it.
