@@ -6,6 +6,7 @@ import transformers
 
 from motg_fast.kernels import MixtureSpec, action_logprob
 from motg_fast.training.policy import build_sequence_batch, score_trajectories
+from motg_fast.training.shared_prompt import can_share_prompt
 from motg_fast.types import Phase, Trajectories
 
 VOCAB, K = 97, 3
@@ -206,7 +207,7 @@ def test_shared_prompt_forward_equals_the_full_forward_with_gradients(model, noi
         assert torch.allclose(shared_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_one_action_rows_and_gradient_checkpointing_take_the_right_path(model):
+def test_one_action_rows_share_the_prompt(model):
     traj = _grouped(_trajectories(), [2, 2, 1])
     one = traj.select(list(range(5)))
     one = Trajectories(
@@ -222,11 +223,32 @@ def test_one_action_rows_and_gradient_checkpointing_take_the_right_path(model):
             full = score_trajectories(model, batch, spec, likelihood="token", share_prompt=False)
             shared = score_trajectories(model, batch, spec, likelihood="token")
             assert torch.allclose(shared.logprobs, full.logprobs, atol=1e-5)
-    model.gradient_checkpointing_enable()
-    try:
-        with torch.no_grad():
-            checkpointed = score_trajectories(model, traj, spec, likelihood="token")
-            full = score_trajectories(model, traj, spec, likelihood="token", share_prompt=False)
-        assert torch.equal(checkpointed.logprobs, full.logprobs)  # fell back: the same sums
-    finally:
-        model.gradient_checkpointing_disable()
+
+
+def test_shared_prompt_under_gradient_checkpointing_keeps_values_and_gradients(model):
+    """Checkpointing replays each layer in backward; the shared prompt's cache must give the
+    replay the same keys (a cache that appended would double them): same log-likelihoods
+    and gradients as the full forward without checkpointing."""
+    traj = _grouped(_trajectories(seed=2), [3, 2])
+    spec = MixtureSpec(k=K, selection="sample", weighting="dirichlet")
+    got = {}
+    for checkpointing, share in ((False, False), (True, True)):
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        assert can_share_prompt(model)  # the shared path, not the fallback
+        try:
+            model.zero_grad()
+            scores = score_trajectories(model, traj, spec, likelihood="exact", share_prompt=share)
+            (scores.action_logprob * traj.completion_mask).sum().backward()
+        finally:
+            model.gradient_checkpointing_disable()
+            model.eval()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        got[checkpointing] = scores.action_logprob.detach(), grads
+    model.zero_grad()
+    (full, full_grads), (checkpointed, grads) = got[False], got[True]
+    real = traj.completion_mask
+    assert torch.allclose(checkpointed[real], full[real], atol=1e-5)
+    for name, grad in full_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name

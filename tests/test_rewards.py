@@ -162,7 +162,10 @@ def test_prompt_uses_the_chat_template_and_prefills_think():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     prompt = build_prompt(tokenizer, "What is 2+2?")
-    assert prompt.text == f"<|system|>{DEFAULT_SYSTEM_PROMPT}\n<|user|>What is 2+2?\n<|assistant|><think>"
+    assert (
+        prompt.text
+        == f"<|system|>{DEFAULT_SYSTEM_PROMPT}\n<|user|>What is 2+2?\n<|assistant|><think>"
+    )
     assert prompt.ids == tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(prompt.ids) == prompt.text and not prompt.truncated
 

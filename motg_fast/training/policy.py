@@ -36,6 +36,7 @@ from ..kernels import (
 )
 from ..kernels.gaussian import gaussian_input_noise, gaussian_log_density
 from ..types import Phase, Trajectories, left_pad
+from .shared_prompt import can_share_prompt, distinct_prompts, shared_prompt_forward
 
 
 @dataclass
@@ -247,87 +248,6 @@ def slot_loglik(logprobs: torch.Tensor, traj: Trajectories) -> tuple[torch.Tenso
     first[..., 0] = True
     mask = torch.where(thinking, torch.isfinite(logprobs), first)
     return torch.where(mask, logprobs, torch.zeros_like(logprobs)), mask
-
-
-def distinct_prompts(prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`(prompt_of_row [N], first_row [U])` int64: the index of each row's prompt among the
-    U distinct prompts (in order of first appearance) and the first row holding each; None
-    when no two rows share a prompt (nothing to share)."""
-    index: dict[tuple[int, ...], int] = {}
-    first_row: list[int] = []
-    prompt_of_row = []
-    for row, prompt in enumerate(prompt_ids):
-        key = tuple(prompt)
-        if key not in index:
-            index[key] = len(first_row)
-            first_row.append(row)
-        prompt_of_row.append(index[key])
-    if len(first_row) == len(prompt_ids):
-        return None
-    return torch.tensor(prompt_of_row), torch.tensor(first_row)
-
-
-def can_share_prompt(model: torch.nn.Module) -> bool:
-    """Whether `shared_prompt_forward` applies: only full-attention layers (a sliding window
-    or a recurrent layer keeps no plain K/V to copy) and no gradient checkpointing (its
-    recomputation would append to the cache twice)."""
-    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old name
-        if hasattr(type(model), flag) or hasattr(model, flag):
-            if getattr(model, flag):
-                return False
-            break
-    text_config = model.config.get_text_config(decoder=True)
-    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
-    return set(layer_types) == {"full_attention"}
-
-
-def shared_prompt_forward(
-    decoder: torch.nn.Module,
-    inputs: torch.Tensor,
-    batch: SequenceBatch,
-    shared: tuple[torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
-    """The final hidden states `[N,T,H]` that score the T actions, computing each distinct
-    prompt once (`shared` from `distinct_prompts`).
-
-    One pass runs the U distinct prompts `[U,P]` into a KV cache; its keys and values are
-    gathered to the N rows (`index_select`, whose backward sums the rows' gradients into
-    their prompt's) and a second pass runs the fed-back actions `[N,T−1]` on that cache.
-    Positions, masks and therefore outputs are those of the full forward over
-    `inputs [N,P+T−1,H]`; only the order of floating-point sums differs.
-    """
-    from transformers import DynamicCache
-
-    from ..models import cache_argument
-
-    p = batch.prompt_length
-    prompt_of_row, first_row = (index.to(inputs.device) for index in shared)
-    cache_kwarg = cache_argument(decoder)
-    prompt_cache = DynamicCache()
-    prompt_hidden = decoder(
-        inputs_embeds=inputs[first_row, :p],
-        attention_mask=batch.attention_mask[first_row, :p],
-        position_ids=batch.position_ids[first_row, :p],
-        use_cache=True,
-        **{cache_kwarg: prompt_cache},
-    ).last_hidden_state
-    last_prompt = prompt_hidden[prompt_of_row, p - 1 :]  # [N,1,H] scores action 0
-    if inputs.shape[1] == p:  # one action per row: nothing is fed back
-        return last_prompt
-    row_cache = DynamicCache(
-        ddp_cache_data=[
-            (layer.keys.index_select(0, prompt_of_row), layer.values.index_select(0, prompt_of_row))
-            for layer in prompt_cache.layers
-        ]
-    )
-    fed_hidden = decoder(
-        inputs_embeds=inputs[:, p:],
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids[:, p:],
-        use_cache=True,
-        **{cache_kwarg: row_cache},
-    ).last_hidden_state
-    return torch.cat([last_prompt, fed_hidden], dim=1)
 
 
 def score_trajectories(

@@ -122,6 +122,7 @@ class Trainer:
             lr=config.lr,
             betas=tuple(config.betas),
             weight_decay=config.weight_decay,
+            fused=self.accelerator.num_processes == 1,  # in place: no parameter-sized temporaries
         )
         total_updates = config.steps * config.mu
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -167,7 +168,9 @@ class Trainer:
         if tokenizer is None:
             tokenizer = load_tokenizer(source)
         if self.config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # Non-reentrant: gradients reach the prompt's keys and values that the shared
+            # prompt forward hands from one pass to the next.
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         model.train()
         return model, tokenizer
 
