@@ -31,6 +31,7 @@ from .training.checkpoint import CheckpointError
 
 # Every part but the run part, which the comparison sets for each run.
 PARTS = ("model", "task", "decoding", "evaluation", "training")
+EXTRAS = (CompareOptions,)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base, options = parse_config(
         args,
         parts=PARTS,
-        extras=(CompareOptions,),
+        extras=EXTRAS,
         prog="python -m motg_fast.compare",
         description=__doc__,
     )

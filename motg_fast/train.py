@@ -19,7 +19,11 @@ import time
 from collections.abc import Sequence
 
 from .cli import parse_config, run_cli
+from .config import PARTS as ALL_PARTS
 from .training.checkpoint import CheckpointError
+
+PARTS = tuple(ALL_PARTS)  # every part: a run needs them all
+EXTRAS: tuple[type, ...] = ()
 
 
 def _interrupt(signum, frame) -> None:
@@ -31,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Parse the command line, train, and print where the results are."""
     from .training.trainer import Trainer
 
-    config = parse_config(argv, prog="python -m motg_fast.train", description=__doc__)
+    config = parse_config(argv, parts=PARTS, prog="python -m motg_fast.train", description=__doc__)
     start = time.monotonic()
     trainer = Trainer(config)
     signal.signal(signal.SIGTERM, _interrupt)

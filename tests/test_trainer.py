@@ -307,6 +307,11 @@ def test_before_after_evaluation_prints_the_gain_and_is_not_repeated_on_resume(
     assert gain["low"] <= gain["mean"] <= gain["high"]
     printed = capsys.readouterr().out
     assert "held-out: 3 questions x 2 samples" in printed and "gain [95% CI]" in printed
+    report = (run / "report.md").read_text()
+    table = printed[printed.index("held-out:") :].split("\n\n")[0].strip()
+    assert f"```\n{table}\n```" in report  # the printed table, as printed
+    assert "![reward](plots/reward.png)" in report and "| group_size | `" in report
+    assert "- `config.json`" in report and "- `checkpoints/step-000002/`" in report
     # Extending the run: the base model's evaluation is read back, the trained one redone.
     evaluations = []
     monkeypatch.setattr(
@@ -376,3 +381,13 @@ def test_metrics_reach_tensorboard(tmp_path):
     for name in ("reward", "loss", "flat_groups", "grad_norm"):
         assert name in scalars, (name, scalars)
     assert [e.step for e in accumulator.Scalars("reward")] == [1, 2]
+
+
+def test_overwrite_deletes_every_output_a_run_writes(tmp_path):
+    from motg_fast.training import trainer as trainer_module
+    from motg_fast.training.checkpoint import RUN_OUTPUTS
+    from motg_fast.training.report import REPORT
+
+    written = {trainer_module.EVAL_BEFORE, trainer_module.EVAL_AFTER}
+    written |= {trainer_module.HELDOUT_SUMMARY, REPORT}
+    assert written <= set(RUN_OUTPUTS)  # a stale baseline would be read back as this run's

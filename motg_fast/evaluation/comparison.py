@@ -60,7 +60,7 @@ class CompareOptions:
     budget: str = dataclasses.field(
         default="tokens",
         metadata={
-            "help": "what the arms share: tokens (the first arm's generated tokens in `steps` "
+            "help": "what the arms share: tokens (the first arm's generated tokens in --steps "
             "steps) or steps",
             "choices": BUDGETS,
         },

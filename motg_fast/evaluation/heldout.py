@@ -116,7 +116,8 @@ def evaluate(
     """Generate ``config.eval_samples`` completions per item, score them, summarise per task.
 
     Args:
-        model, tokenizer: the policy (any HF causal LM) and its tokenizer.
+        model: the policy (any HF causal LM).
+        tokenizer: its tokenizer.
         config: a :class:`~motg_fast.config.Config` with task, decoding and evaluation
             parts (the prompt, reward weights, seed, the spec, ``max_new_tokens``,
             ``eval_samples``, ``eval_batch_size``).

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from reasoning_gym.factory import CURRICULA, DATASETS, create_curriculum
@@ -76,11 +76,13 @@ def _parse_weight(token: str, text: str) -> float:
     return weight
 
 
-def parse_task_spec(spec: str) -> dict[str, float]:
+def parse_task_spec(spec: str, accept: Callable[[str], bool] | None = None) -> dict[str, float]:
     """Parse ``"acre:2,syllogism"`` (or a preset name) into ``{task: weight}`` in spec order.
 
     A preset entry (``paper`` or ``paper:3``) expands to its tasks, each with the entry's weight.
-    A task named twice is an error. Raises ``ValueError`` naming the bad entry.
+    A task named twice is an error. ``accept(name)`` admits names that are not Reasoning Gym
+    tasks (e.g. files: :func:`motg_fast.tasks.spec.parse_spec`). Raises ``ValueError``
+    naming the bad entry.
     """
     tokens = [t.strip() for t in spec.split(",")]
     if not spec.strip() or any(not t for t in tokens):
@@ -93,7 +95,7 @@ def parse_task_spec(spec: str) -> dict[str, float]:
         weight = _parse_weight(token, weight_text.strip()) if weight_text else 1.0
         names = TASK_PRESETS.get(name, (name,))
         for task in names:
-            if task not in valid:
+            if task not in valid and not (accept is not None and accept(task)):
                 raise _unknown_task_error(task)
             if task in weights:
                 raise ValueError(f"task {task!r} appears twice in task spec {spec!r}")

@@ -62,7 +62,16 @@ def set_rng_state(state: dict) -> None:
 
 
 # What a training run writes into its run directory (`--overwrite` deletes exactly these).
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "plots", "checkpoints")
+RUN_OUTPUTS = (
+    "config.json",
+    "metrics.jsonl",
+    "plots",
+    "checkpoints",
+    "eval_before.json",
+    "eval_after.json",
+    "heldout.json",
+    "report.md",
+)
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, main: bool = True) -> None:

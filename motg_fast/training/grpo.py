@@ -182,10 +182,12 @@ def grpo_loss(
     """GRPO loss (to minimise) and detached metrics.
 
     Args:
-        logp, old_logp: `[B,T]` per-position log-likelihoods (current, rollout policy).
+        logp: `[B,T]` per-position log-likelihoods under the current policy.
+        old_logp: `[B,T]` the same under the rollout policy.
         advantages: `[B]` or `[B,T]`.
         mask: `[B,T]` bool, real completion positions.
-        eps_low, eps_high: clip range `[1 − ε_low, 1 + ε_high]` (`float("inf")` disables).
+        eps_low: lower clip width ε_low of the range `[1 − ε_low, 1 + ε_high]`.
+        eps_high: upper clip width ε_high (`float("inf")` disables a side).
         beta: weight of the k3 KL to `ref_logp` (`[B,T]`, required when beta > 0).
         aggregation: `"grpo"`, `"dapo"` or `"dr_grpo"` (`max_len` its normaliser).
         slots: per-slot terms (`SlotTerms`, `[B,T,S]`) to clip each slot's ratio on its own

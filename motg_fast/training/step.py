@@ -61,7 +61,8 @@ class GRPOStep:
         config: the run's config (training, decoding and task parts are read).
         accelerator: the run's `Accelerator`.
         scorer: the prepared `PolicyScorer` (DDP/FSDP wrapped).
-        optimizer, scheduler: the prepared optimizer and its (unprepared) LR schedule.
+        optimizer: the prepared optimizer.
+        scheduler: its (unprepared) LR schedule.
         ref_model: the frozen reference policy (None: no KL term).
 
     `observers` (a list of callables) each get, for every micro-batch of every pass, a dict

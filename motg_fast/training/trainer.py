@@ -57,6 +57,7 @@ from .metrics import (
     signal_statistics,
     token_statistics,
 )
+from .report import write_report
 from .step import GRPOStep, PolicyScorer
 
 EVAL_BEFORE = "eval_before.json"  # held-out evaluation of the model before training
@@ -84,7 +85,8 @@ class Trainer:
 
     Args:
         config: the run's `Config` (validated here).
-        model, tokenizer: optional ready objects (tests); loaded from `config.model` otherwise.
+        model: an optional ready model (tests); loaded from `config.model` otherwise.
+        tokenizer: its tokenizer (loaded with the model when None).
         task_set: optional task set with `sample_train(n, rng)` and `heldout(per_task)`;
             built from `config.tasks` otherwise.
         reward_fn: optional `(completions, items) -> (rewards, correct)`.
@@ -113,9 +115,9 @@ class Trainer:
         )
         self.resumed = self._resumed_checkpoint()
         self.rank = self.accelerator.process_index
+        self.task_set = task_set if task_set is not None else self._build_tasks()
         self.model, self.tokenizer = self._load_policy(model, tokenizer)
         self.ref_model = self._reference_model() if config.beta > 0 else None
-        self.task_set = task_set if task_set is not None else self._build_tasks()
         self.reward_fn = reward_fn or task_reward(config.reward_weights())
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -195,7 +197,7 @@ class Trainer:
         return ref
 
     def _build_tasks(self):
-        from ..tasks.reasoning_gym import build_tasks
+        from ..tasks.spec import build_tasks
 
         c = self.config
         return build_tasks(
@@ -359,6 +361,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
+    def release_optimizer_state(self) -> None:
+        """Free the gradients and AdamW's moments (2x the weights) after the last step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        inner.state.clear()
+
     def budget_spent(self) -> bool:
         """Whether the rollouts have generated `token_budget` tokens (never with no budget)."""
         budget = self.config.token_budget
@@ -477,6 +485,7 @@ class Trainer:
             elif self.budget_spent():  # the last step of a token-budget run
                 self.save(done)
         if c.final_eval != "none" and not (self.run_dir / HELDOUT_SUMMARY).exists():
+            self.release_optimizer_state()  # saved with the last checkpoint; not needed now
             summary = self.final_evaluation(before)
             self.accelerator.log(
                 {f"heldout_{key}": value for key, value in summary["after"].items()}, step=c.steps
@@ -485,4 +494,7 @@ class Trainer:
         records = self.metrics.read() if self.metrics is not None else []
         if self.accelerator.is_main_process:
             plot_metrics(records, self.run_dir / "plots")
+            summary_path = self.run_dir / HELDOUT_SUMMARY
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+            write_report(self.run_dir, records, summary, device=str(self.accelerator.device))
         return records
