@@ -51,6 +51,8 @@ HAS_CUDA = torch.cuda.is_available()
 TEMPERATURE = 0.9
 MIXTURE = MixtureSpec(k=2, selection="topk", weighting="dirichlet", temperature=TEMPERATURE)
 DISCRETE = MixtureSpec(k=1, selection="sample", temperature=TEMPERATURE)
+# The compiled decode does not take Dirichlet weights: MoT-G with sampled different tokens.
+STATIC_MIXTURE = MixtureSpec(k=2, selection="sample", weighting="prob", temperature=TEMPERATURE)
 
 
 # --------------------------------------------------------------------------------------
@@ -153,6 +155,10 @@ class Setup:
             model, tokenizer, max_new_tokens=max_new_tokens, eos_token_ids=[]
         )
         assert self.engine.matcher is not None  # the marker table, built outside the timings
+        self.compiled = RolloutEngine(
+            model, tokenizer, max_new_tokens=max_new_tokens, eos_token_ids=[], compile_decode=True
+        )
+        assert self.compiled.matcher is not None
 
     def sync(self) -> None:
         if self.model.device.type == "cuda":
@@ -187,10 +193,14 @@ class Setup:
         self.sync()
         return tokens
 
-    def engine_run(self, spec: MixtureSpec, seed: int) -> int:
-        rollout = self.engine.generate(self.prompts, spec, group_size=self.group_size, seed=seed)
+    def engine_run(self, spec: MixtureSpec, seed: int, compiled: bool = False) -> int:
+        engine = self.compiled if compiled else self.engine
+        rollout = engine.generate(self.prompts, spec, group_size=self.group_size, seed=seed)
         self.sync()
         return rollout.num_tokens
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +294,69 @@ def test_rollout_cpu(benchmark, cpu_setup):
 def test_rollout_gpu(benchmark, gpu_setup, name):
     benchmark.group = "rollout-gpu"
     measure(benchmark, "gpu", name, CASES[name](gpu_setup), rounds=2)
+
+
+COMPILED_CASES = {
+    "eager_discrete": lambda s: lambda: s.engine_run(DISCRETE, seed=0),
+    "compiled_discrete": lambda s: lambda: s.engine_run(DISCRETE, seed=0, compiled=True),
+    "eager_mixture": lambda s: lambda: s.engine_run(STATIC_MIXTURE, seed=0),
+    "compiled_mixture": lambda s: lambda: s.engine_run(STATIC_MIXTURE, seed=0, compiled=True),
+}
+
+
+def test_compiled_decode_cpu(benchmark, cpu_setup):
+    """Eager vs `compile_decode` (inductor, default mode on a CPU; no gain is expected)."""
+    benchmark.group = "compiled-decode-cpu"
+    runs = {name: make(cpu_setup) for name, make in COMPILED_CASES.items()}
+    for run in runs.values():
+        run()  # compilation outside the timings
+    measure_interleaved(benchmark, "compiled-cpu", runs, rounds=5)
+
+
+@pytest.fixture(scope="module")
+def compiled_gpu_setup():
+    """The Qwen2.5-1.5B shape, 8 prompts of 256 tokens, G = 10: 80 rows, 256 new tokens."""
+    device = torch.device("cuda")
+    load = model_load_kwargs(device)
+    config = qwen25_1p5b_config()
+    config._attn_implementation = "sdpa"  # the static cache's mask path
+    torch.manual_seed(0)
+    with device:
+        model = Qwen2ForCausalLM(config).to(load["dtype"]).eval()
+    tokenizer = tiny_tokenizer()
+    rng = torch.Generator().manual_seed(0)
+    think = tokenizer.encode("<think>")[-1:]
+    prompts = [torch.randint(0, 250, (255,), generator=rng).tolist() + think for _ in range(8)]
+    return Setup(model, tokenizer, prompts, group_size=10, max_new_tokens=256)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(COMPILED_CASES))
+def test_compiled_decode_gpu(benchmark, compiled_gpu_setup, name):
+    """Eager vs CUDA-graph decode; `extra_info` holds the step time and its weight-traffic
+    bound (weight bytes / HBM bandwidth: every step reads every weight once)."""
+    benchmark.group = "compiled-decode-gpu"
+    setup = compiled_gpu_setup
+    run = COMPILED_CASES[name](setup)
+    run()  # compilation and CUDA-graph capture outside the timings
+    measure(benchmark, "compiled-gpu", name, run, rounds=2)
+    rows = len(setup.prompts) * setup.group_size
+    step_s = rows / benchmark.extra_info["tokens_per_s"]
+    bandwidth = hbm_bandwidth()
+    bound = setup.weight_bytes() / bandwidth if bandwidth else float("nan")
+    benchmark.extra_info.update(step_ms=step_s * 1e3, weight_bound_ms=bound * 1e3)
+    print(f"\n{name}: step {step_s * 1e3:.2f} ms, weight-traffic bound {bound * 1e3:.2f} ms")
+
+
+def hbm_bandwidth() -> float | None:
+    """Peak memory bandwidth of the current GPU in bytes/s (None when torch does not say)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8  # double data rate
 
 
 @pytest.fixture(scope="module")

@@ -180,10 +180,19 @@ class DecodingConfig:
         choices=(None, *METHODS),
     )
     max_new_tokens: int = _f(32, "completion length limit (the default task needs few)")
+    compile_decode: bool = _f(
+        False,
+        "decode with one torch.compile(fullgraph) step over a static cache (CUDA graphs on "
+        "CUDA; untested on a GPU, off until measured there; not for Dirichlet weights)",
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)
-        self.spec  # noqa: B018 - the spec checks its own fields
+        spec = self.spec  # the spec checks its own fields
+        if self.compile_decode:
+            from .rollout.static_decode import check_static
+
+            check_static(spec)
 
     @property
     def spec(self) -> MixtureSpec:

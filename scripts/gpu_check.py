@@ -70,9 +70,9 @@ BENCH = {
     ),
     "bench_rollout": dict(
         file="bench/bench_rollout.py",
-        k="gpu and engine_mixture",
+        k="gpu and (engine_mixture or compiled_decode)",
         full_k="gpu",
-        limit=(70, 600),
+        limit=(240, 600),
     ),
     "bench_train_step": dict(
         file="bench/bench_train_step.py",

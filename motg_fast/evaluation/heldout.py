@@ -136,7 +136,11 @@ def evaluate(
     samples = config.eval_samples
     if engine is None:
         engine = RolloutEngine(
-            model, tokenizer, max_new_tokens=config.max_new_tokens, think_end=THINK_END
+            model,
+            tokenizer,
+            max_new_tokens=config.max_new_tokens,
+            think_end=THINK_END,
+            compile_decode=config.compile_decode,
         )
     prompts = build_prompts(
         tokenizer,

@@ -63,6 +63,7 @@ from .cache import PreallocatedCache, check_layer_types
 from .checks import check_length, check_prompts, check_run, resolve_eos, resolve_pad
 from .decode_state import Active, Known, Plan, Record, Step
 from .marker import MarkerMatcher, decode_token_texts
+from .static_decode import StaticDecode, check_static
 
 __all__ = ["RolloutEngine"]
 
@@ -72,7 +73,7 @@ __all__ = ["RolloutEngine"]
 # --------------------------------------------------------------------------------------
 
 
-class RolloutEngine:
+class RolloutEngine(StaticDecode):
     """Generates G trajectories per prompt with a shared, preallocated KV cache.
 
     Args:
@@ -90,6 +91,8 @@ class RolloutEngine:
             8 on CUDA.
         backend: `mixture_step` path: None (Triton on CUDA, the reference elsewhere),
             `"reference"` or `"triton"`.
+        compile_decode: decode with one `torch.compile(fullgraph=True)` step over a static
+            cache (CUDA graphs on CUDA; `motg_fast.rollout.static_decode`); False: eager.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class RolloutEngine:
         compact_fraction: float | None = 0.25,
         sync_every: int | None = None,
         backend: str | None = None,
+        compile_decode: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -131,6 +135,8 @@ class RolloutEngine:
         self._cache_kwarg = cache_argument(model)
         self._matcher: MarkerMatcher | None = None
         self._marker_ids: torch.Tensor | None = None
+        self.compile_decode = compile_decode
+        self._compiled_step = None
 
     # ---- construction helpers ---------------------------------------------------------
 
@@ -192,6 +198,8 @@ class RolloutEngine:
         steps = check_length(self.max_new_tokens if max_new_tokens is None else max_new_tokens)
         prompts = check_prompts(prompt_ids, steps, self.vocab_size, self.max_positions)
         check_run(group_size, spec, self.vocab_size)
+        if self.compile_decode:
+            check_static(spec)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -236,7 +244,12 @@ class RolloutEngine:
             "forward_rows": 0,
             "compactions": 0,
         }
-        self._decode(plan, cache, logits, active, record, stats)
+        if self.compile_decode:
+            run = self.static_run(plan, cache, width, active)
+            del cache  # the static cache holds the prefix now
+            self._static_decode(plan, run, width, logits, active, record, stats)
+        else:
+            self._decode(plan, cache, logits, active, record, stats)
         return self._finish(plan, record, stats)
 
     def _prefill(self, plan: Plan, cache: PreallocatedCache) -> torch.Tensor:
@@ -360,7 +373,7 @@ class RolloutEngine:
         matcher = self.matcher
         if matcher is None:
             return
-        writing = (active.phase == Phase.MIXTURE) | (active.phase == Phase.FORCED)
+        writing = (active.phase == int(Phase.MIXTURE)) | (active.phase == int(Phase.FORCED))
         active.marker = torch.where(
             writing, matcher.advance(active.marker, step.token), active.marker
         )
@@ -369,20 +382,20 @@ class RolloutEngine:
             active.forced = torch.where(active.forced >= 0, active.forced + 1, active.forced)
             done |= active.forced >= len(self.marker_ids)
             self._cold_stop(active, step, spec)
-        active.phase = torch.where(done, Phase.DISCRETE, active.phase).to(torch.int8)
+        active.phase = torch.where(done, int(Phase.DISCRETE), active.phase).to(torch.int8)
         if active.forced is not None:
             active.forced = torch.where(done, -1, active.forced)
 
     def _cold_stop(self, active: Active, step: Step, spec: MixtureSpec) -> None:
         """Count thinking rows' consecutive steps below the entropy threshold; a row that
         reaches `cold_stop_steps` starts writing the end-of-thinking marker."""
-        thinking = active.phase == Phase.MIXTURE
+        thinking = active.phase == int(Phase.MIXTURE)
         calm = thinking & (step.entropy < spec.cold_stop_entropy)
         active.calm = torch.where(calm, active.calm + 1, 0)
         start = thinking & (active.calm >= spec.cold_stop_steps)
         start &= ~self.matcher.matched(active.marker)
         active.forced = torch.where(start, 0, active.forced)
-        active.phase = torch.where(start, Phase.FORCED, active.phase).to(torch.int8)
+        active.phase = torch.where(start, int(Phase.FORCED), active.phase).to(torch.int8)
 
     def _sync(self, active: Active, known: Known) -> tuple[bool, torch.Tensor | None]:
         """Host check of the live rows (the only sync of the loop): `(done, keep)`, where

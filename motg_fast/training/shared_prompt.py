@@ -157,7 +157,7 @@ def _two_passes(decoder, inputs, batch, p, prompt_of_row, first_row) -> torch.Te
         inputs_embeds=inputs[first_row, :p],
         attention_mask=batch.attention_mask[first_row, :p],
         position_ids=batch.position_ids[first_row, :p],
-        use_cache=True,
+        use_cache=False,  # the given cache is still filled; True warns under checkpointing
         **{cache_kwarg: prompt_cache},
     ).last_hidden_state
     last_prompt = prompt_hidden[prompt_of_row, p - 1 :]  # [N,1,H] scores action 0
@@ -177,7 +177,7 @@ def _two_passes(decoder, inputs, batch, p, prompt_of_row, first_row) -> torch.Te
         inputs_embeds=inputs[:, p:],
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids[:, p:],
-        use_cache=True,
+        use_cache=False,  # the given cache is still filled; True warns under checkpointing
         **{cache_kwarg: row_cache},
     ).last_hidden_state
     return torch.cat([last_prompt, fed_hidden], dim=1)

@@ -137,9 +137,8 @@ class Trainer:
         self.step = GRPOStep(
             config, self.accelerator, self.scorer, self.optimizer, self.scheduler, self.ref_model
         )
-        self.engine = RolloutEngine(
-            self.model, self.tokenizer, max_new_tokens=config.max_new_tokens, think_end=THINK_END
-        )
+        options = dict(max_new_tokens=config.max_new_tokens, compile_decode=config.compile_decode)
+        self.engine = RolloutEngine(self.model, self.tokenizer, think_end=THINK_END, **options)
         self.start_step = 0
         self.reward_failures = 0
         self.generated_tokens = 0  # by every rollout so far (all processes)
@@ -170,9 +169,9 @@ class Trainer:
         if tokenizer is None:
             tokenizer = load_tokenizer(source)
         if self.config.gradient_checkpointing:
-            # Non-reentrant: gradients reach the prompt's keys and values that the shared
-            # prompt forward hands from one pass to the next.
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            # Non-reentrant: gradients reach the prompt K/V the shared prompt forward passes on.
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5.25+
+            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         model.train()
         return model, tokenizer
 
