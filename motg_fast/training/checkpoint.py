@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from .sharded import check_sharded_files
+
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
@@ -139,16 +141,20 @@ def save_checkpoint(
     *,
     keep: int = 2,
     state_dict: dict | None = None,
+    staging: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints.
 
     `state_dict`: the model's weights when `model.state_dict()` does not hold them all
-    (FSDP2 shards, see `motg_fast.distributed.full_state_dict`).
+    (FSDP2 shards, see `motg_fast.distributed.full_state_dict`). `staging`: a temporary
+    folder that already holds part of the checkpoint (every process's shards:
+    `motg_fast.training.sharded`), completed and committed here.
     """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_writes(run_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    if staging is None:
+        remove_stale_writes(run_dir)
+    tmp = staging or Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
@@ -185,6 +191,9 @@ def read_checkpoint(path: Path) -> LoadedCheckpoint:
         state = torch.load(state_file, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem
         raise CheckpointError(f"{state_file} is unreadable ({_first_line(exc)})") from exc
+    problem = check_sharded_files(path)
+    if problem:
+        raise CheckpointError(problem)
     model_dir = path / MODEL_DIR
     if not (model_dir / "config.json").exists():
         raise CheckpointError(f"{model_dir} holds no model")

@@ -38,6 +38,7 @@ from ..seeding import derived_seed
 from ..tasks.prompting import THINK_END, build_prompts
 from ..tasks.rewards import RewardFn, safe_rewards, task_reward
 from ..types import Phase, Trajectories
+from . import sharded
 from .checkpoint import (
     LoadedCheckpoint,
     checkpoint_step,
@@ -50,13 +51,7 @@ from .checkpoint import (
 )
 from .distributed import full_parameters, full_state_dict, make_accelerator, tracker_config
 from .grpo import group_advantages
-from .metrics import (
-    MetricsLog,
-    StallGuard,
-    plot_metrics,
-    signal_statistics,
-    token_statistics,
-)
+from .metrics import MetricsLog, StallGuard, plot_metrics, signal_statistics, token_statistics
 from .report import write_report
 from .step import GRPOStep, PolicyScorer
 
@@ -213,6 +208,8 @@ class Trainer:
         if not self.config.resume:
             return None
         ckpt = latest_checkpoint(self.run_dir)
+        world = self.accelerator.num_processes
+        sharded.check_resumable(ckpt.state, world, sharded.is_sharded(self.accelerator))
         changed = self.config.experiment_changes(ckpt.state.get("config", {}))
         if changed:
             saved = ckpt.state["config"]
@@ -224,12 +221,10 @@ class Trainer:
         return ckpt
 
     def _restore(self, ckpt: LoadedCheckpoint) -> None:
-        if getattr(self.accelerator, "is_fsdp2", False):  # see motg_fast.distributed
-            raise NotImplementedError(
-                "resuming under FSDP2 is not supported: the checkpoint's optimizer state "
-                "is the main process's shard only; resume without --use_fsdp"
-            )
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+        if sharded.is_sharded(self.accelerator):
+            sharded.load_sharded(self.scorer, self.optimizer, ckpt.path)
+        else:
+            self.optimizer.load_state_dict(ckpt.state["optimizer"])
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         set_rng_state(ckpt.state["rng"])
         self.start_step = ckpt.step
@@ -336,13 +331,18 @@ class Trainer:
 
     # ----------------------------------------------------------------- the run
     def save(self, step: int) -> Path | None:
-        """Checkpoint after `step` (main process writes; every process waits)."""
+        """Checkpoint after `step` (main process writes; every process waits; under FSDP2
+        each process writes its shards first: `motg_fast.training.sharded`)."""
         self.accelerator.wait_for_everyone()
         path = None
+        staging = sharded.save_sharded(
+            self.accelerator, self.scorer, self.optimizer, self.run_dir, step
+        )
         weights = full_state_dict(self.accelerator, self.scorer)  # FSDP2 only (else None)
         if self.accelerator.is_main_process:
             state = {
-                "optimizer": self.optimizer.state_dict(),
+                **({} if staging else {"optimizer": self.optimizer.state_dict()}),
+                "world_size": self.accelerator.num_processes,
                 "scheduler": self.scheduler.state_dict(),
                 "config": self.config.to_dict(),
                 "reward_failures": self.reward_failures,
@@ -356,15 +356,10 @@ class Trainer:
                 state,
                 keep=self.config.keep_checkpoints,
                 state_dict=weights,
+                staging=staging,
             )
         self.accelerator.wait_for_everyone()
         return path
-
-    def release_optimizer_state(self) -> None:
-        """Free the gradients and AdamW's moments (2x the weights) after the last step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
-        inner.state.clear()
 
     def budget_spent(self) -> bool:
         """Whether the rollouts have generated `token_budget` tokens (never with no budget)."""
@@ -484,7 +479,7 @@ class Trainer:
             elif self.budget_spent():  # the last step of a token-budget run
                 self.save(done)
         if c.final_eval != "none" and not (self.run_dir / HELDOUT_SUMMARY).exists():
-            self.release_optimizer_state()  # saved with the last checkpoint; not needed now
+            sharded.free_optimizer_state(self.optimizer)  # saved with the last checkpoint
             summary = self.final_evaluation(before)
             self.accelerator.log(
                 {f"heldout_{key}": value for key, value in summary["after"].items()}, step=c.steps
