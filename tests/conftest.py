@@ -32,6 +32,16 @@ def tiny_dir(tmp_path_factory):
     return str(save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on a shared 2-core runner OpenMP spin-waits make 2 threads slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def generator():
     """A CPU generator seeded the same way in every test."""

@@ -23,13 +23,7 @@ PROMPT_TEXTS = ["the answer <think>", "a <think>", "is the answer is on <think>"
 LOGITS_ATOL, LOGITS_RTOL = 5e-5, 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core runner OpenMP spin-waits make 2 threads slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

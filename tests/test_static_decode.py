@@ -18,12 +18,7 @@ STATIC_METHODS = [name for name in METHODS if METHODS[name].fields.get("weightin
 WEIGHTS_ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import MixtureSpec
-from ..types import Trajectories
+from ..kernels.gaussian import gaussian_input_noise
+from ..types import Phase, Trajectories
 
 
 @dataclass
@@ -213,3 +214,13 @@ class Step:
             token_slot=torch.where(use_discrete, discrete.token_slot, mixture.token_slot),
             rest_logprob=rest,
         )
+
+
+def noisy_inputs(
+    embeds: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, phase: torch.Tensor, std: float
+) -> torch.Tensor:
+    """Thinking rows' inputs `[n,H]` plus `std · ε(seed, step)` (Gaussian soft tokens; seeds
+    and steps `[n]` int64, phase `[n]`); other rows unchanged."""
+    noise = gaussian_input_noise(seeds, steps, embeds.shape[-1])
+    thinking = (phase == int(Phase.MIXTURE)).unsqueeze(-1)
+    return (embeds.float() + std * noise * thinking).to(embeds.dtype)

@@ -56,12 +56,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..kernels import MixtureSpec, mixture_step
-from ..kernels.gaussian import gaussian_input_noise
 from ..models import cache_argument
 from ..types import Phase, Trajectories, left_pad
 from .cache import PreallocatedCache, check_layer_types
 from .checks import check_length, check_prompts, check_run, resolve_eos, resolve_pad
-from .decode_state import Active, Known, Plan, Record, Step
+from .decode_state import Active, Known, Plan, Record, Step, noisy_inputs
 from .marker import MarkerMatcher, decode_token_texts
 from .static_decode import StaticDecode, check_static
 
@@ -343,16 +342,10 @@ class RolloutEngine(StaticDecode):
         if active.forced is not None:
             step = self._force_marker(step, logits, active, spec)
         if spec.noise_std > 0:
-            step.embeds = self._add_input_noise(step.embeds, plan, active, t)
+            seeds = plan.noise_seed.index_select(0, active.rows)
+            steps = torch.full_like(seeds, t)
+            step.embeds = noisy_inputs(step.embeds, seeds, steps, active.phase, spec.noise_std)
         return step
-
-    def _add_input_noise(self, embeds, plan: Plan, active: Active, t: int) -> torch.Tensor:
-        """Thinking rows' inputs plus `σ ε(seed, t)` (Gaussian soft tokens)."""
-        seeds = plan.noise_seed.index_select(0, active.rows)
-        noise = gaussian_input_noise(seeds, torch.full_like(seeds, t), embeds.shape[-1])
-        thinking = (active.phase == Phase.MIXTURE).unsqueeze(-1)
-        noisy = embeds.float() + plan.spec.noise_std * noise * thinking
-        return noisy.to(embeds.dtype)
 
     def _force_marker(self, step: Step, logits, active: Active, spec: MixtureSpec) -> Step:
         """Rows ending their thinking by a cold stop write the marker's tokens, one a step."""

@@ -38,11 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import MixtureSpec, StepNoise, mixture_step_ref
-from ..kernels.gaussian import gaussian_input_noise
 from ..kernels.mixture_math import gumbel_noise
 from ..kernels.mixture_step import selection_noise_shape
 from ..types import Phase
-from .decode_state import Active, Plan, Step
+from .decode_state import Active, Plan, Step, noisy_inputs
 
 SAMPLED_SELECTIONS = ("sample", "sample_topk", "iid")
 
@@ -134,7 +133,10 @@ class StaticDecode:
         active = Active(rows, position, phase, marker, alive.clone(), None, calm, forced)
         step = self._static_choose(logits, active, noise, spec)
         if spec.noise_std > 0:
-            step.embeds = self._static_noise(step.embeds, active, run, column, spec)
+            steps = (column - run.first_column).expand_as(run.noise_seed)
+            step.embeds = noisy_inputs(
+                step.embeds, run.noise_seed, steps, active.phase, spec.noise_std
+            )
         self._update_rows(active, step, spec)
         out = self.model(
             inputs_embeds=step.embeds.unsqueeze(1),
@@ -157,13 +159,6 @@ class StaticDecode:
         if active.forced is not None:
             mixture = self._force_marker(mixture, logits, active, spec)
         return mixture
-
-    def _static_noise(self, embeds, active: Active, run: StaticRun, column, spec) -> torch.Tensor:
-        """Thinking rows' inputs plus `σ ε(seed, t)`, `t` the step (as the eager path)."""
-        t = (column - run.first_column).expand_as(run.noise_seed)
-        noise = gaussian_input_noise(run.noise_seed, t, embeds.shape[-1])
-        thinking = (active.phase == int(Phase.MIXTURE)).unsqueeze(-1)
-        return (embeds.float() + spec.noise_std * noise * thinking).to(embeds.dtype)
 
     # ---- the loop (eager, around the compiled step) -----------------------------------
 

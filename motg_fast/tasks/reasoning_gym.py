@@ -103,14 +103,10 @@ def parse_task_spec(spec: str, accept: Callable[[str], bool] | None = None) -> d
     return weights
 
 
-def parse_task_options(options: str | Mapping[str, Any] | None, tasks: list[str]) -> dict:
-    """Parse the task-options JSON into ``{task: {option: value}}`` for the given tasks.
-
-    ``"*"`` options apply to every task; a task's own options override them. Only checks the
-    shape here; option names are checked against each dataset by :func:`dataset_config`.
-    """
+def read_task_options(options: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The task options as a dict: a JSON object's text or a mapping (None or "": none)."""
     if options is None or options == "":
-        return {task: {} for task in tasks}
+        return {}
     if isinstance(options, str):
         try:
             options = json.loads(options)
@@ -118,6 +114,16 @@ def parse_task_options(options: str | Mapping[str, Any] | None, tasks: list[str]
             raise ValueError(f"task options are not valid JSON: {err}") from None
     if not isinstance(options, Mapping):
         raise ValueError('task options must be a JSON object like {"leg_counting": {...}}')
+    return dict(options)
+
+
+def parse_task_options(options: str | Mapping[str, Any] | None, tasks: list[str]) -> dict:
+    """Parse the task-options JSON into ``{task: {option: value}}`` for the given tasks.
+
+    ``"*"`` options apply to every task; a task's own options override them. Only checks the
+    shape here; option names are checked against each dataset by :func:`dataset_config`.
+    """
+    options = read_task_options(options)
     for key, value in options.items():
         if key != "*" and key not in tasks:
             raise ValueError(
@@ -291,4 +297,5 @@ __all__ = [
     "dataset_config",
     "parse_task_options",
     "parse_task_spec",
+    "read_task_options",
 ]

@@ -6,7 +6,6 @@ holds both (a file's options under its path; ``"*"`` applies to Reasoning Gym ta
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,14 +24,7 @@ def split_options(
     """``(reasoning_gym_options, file_options)``: each task's options, by task name."""
     files = [name for name in names if local.is_local_task(name)]
     gym = [name for name in names if name not in files]
-    if isinstance(options, str) and options.strip():
-        try:
-            options = json.loads(options)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"task options are not valid JSON: {err}") from None
-    if options is not None and not isinstance(options, (Mapping, str)):
-        raise ValueError('task options must be a JSON object like {"leg_counting": {...}}')
-    options = dict(options or {})
+    options = reasoning_gym.read_task_options(options)
     file_options = {}
     for name in files:
         value = options.pop(name, {})
