@@ -19,10 +19,11 @@ What differs from the eager path (`engine.py`):
 - **Noise drawn before the step.** Every random stream of a step (selection, weights,
   token; for the k-slot and the discrete step alike) is drawn from the run's generator
   before the step, eagerly, and handed to it: a ``torch.Generator`` cannot be used inside a
-  captured graph. Both the k-slot and the discrete step run every step (the eager path skips
-  one when the host knows no row needs it), so the draws differ from the eager path's for
-  sampled specs: the same seed gives the same rollout compiled or not, but not the eager
-  path's samples. Deterministic specs give the eager path's tokens.
+  captured graph. Where rows can reach the answer phase, both the k-slot and the discrete step
+  run every step (the eager path skips one when the host knows no row needs it), so the
+  draws differ from the eager path's for sampled specs: the same seed gives the same
+  rollout compiled or not, but not the eager path's samples. Deterministic specs give the
+  eager path's tokens.
 - **The whole cache is attended** (masked past each row's end), as transformers'
   ``StaticCache`` does, instead of the filled prefix.
 - **Dirichlet weights are not supported**: their Gamma draws depend on the step's
@@ -152,7 +153,7 @@ class StaticDecode:
     def _static_choose(self, logits, active: Active, noise, spec: MixtureSpec) -> Step:
         """Both the k-slot and the discrete step, picked per row by phase."""
         mixture = Step.of(mixture_step_ref(logits, self.embedding, spec, noise=noise[0]))
-        if not (spec.is_discrete or self.think_end is None):
+        if self._static_needs_answer_step(spec):
             raw = mixture_step_ref(logits, self.embedding, spec.answer_spec(), noise=noise[1])
             discrete = Step.discrete(raw, spec.k)
             mixture = Step.blend(mixture, discrete, active.phase == int(Phase.DISCRETE))
@@ -199,9 +200,15 @@ class StaticDecode:
             if (t + 1) % self.sync_every == 0 and not bool(state[3].any()):
                 break
 
-    def _static_draws(self, plan: Plan) -> tuple[StepNoise, StepNoise]:
-        spec = plan.spec
-        mixture = draw_noise(spec, plan.rows, self.vocab_size, plan.generator, self.device)
-        answer = spec.answer_spec()
-        discrete = draw_noise(answer, plan.rows, self.vocab_size, plan.generator, self.device)
-        return mixture, discrete
+    def _static_needs_answer_step(self, spec: MixtureSpec) -> bool:
+        """Whether rows can reach the answer phase, whose step is `spec.answer_spec()`."""
+        return not (spec.is_discrete or self.think_end is None)
+
+    def _static_draws(self, plan: Plan) -> tuple[StepNoise, StepNoise | None]:
+        """The step's noise: the k-slot step's, and the answer step's when it runs."""
+        spec, rows = plan.spec, plan.rows
+        mixture = draw_noise(spec, rows, self.vocab_size, plan.generator, self.device)
+        if not self._static_needs_answer_step(spec):
+            return mixture, None
+        answer = draw_noise(spec.answer_spec(), rows, self.vocab_size, plan.generator, self.device)
+        return mixture, answer
