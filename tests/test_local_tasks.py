@@ -115,6 +115,13 @@ def test_mixing_with_a_reasoning_gym_task(tmp_path):
         assert item.scorer(item.answer, item.entry) == 1.0
 
 
+def test_a_reasoning_gym_name_stays_a_task_beside_a_same_named_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "basic_arithmetic").write_text("not data")
+    tasks = build_tasks("basic_arithmetic", '{"*": {"difficulty": 0}}', size=20, seed=0)
+    assert type(tasks.tasks["basic_arithmetic"]).__name__ == "ReasoningGymTask"
+
+
 def test_exact_match_normalises():
     got = exact_match([" 1,000. ", "PARIS", "3.0", "x", None], ["1000", "paris", "3", "y", "1"])
     assert got == [1.0, 1.0, 1.0, 0.0, 0.0]

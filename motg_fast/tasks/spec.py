@@ -22,7 +22,8 @@ def split_options(
     options: str | Mapping[str, Any] | None, names: list[str]
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """``(reasoning_gym_options, file_options)``: each task's options, by task name."""
-    files = [name for name in names if local.is_local_task(name)]
+    gym_names = set(reasoning_gym.available_tasks())  # a Reasoning Gym name stays one, even
+    files = [name for name in names if name not in gym_names]  # beside a same-named file
     gym = [name for name in names if name not in files]
     options = reasoning_gym.read_task_options(options)
     file_options = {}
