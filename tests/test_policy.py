@@ -207,6 +207,52 @@ def test_shared_prompt_forward_equals_the_full_forward_with_gradients(model, noi
         assert torch.allclose(shared_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_weights_used_twice_get_each_use_accumulated_without_holding_it(model, checkpointing):
+    """In one process, a weight serving two pieces of the forward has each piece's gradient
+    accumulated into `.grad` as soon as that piece is back-propagated, instead of autograd
+    holding the first until the second arrives (one accumulation): the shared prompt's
+    two passes (a decoder weight: 2 with sharing, 1 without) and the tied LM head and input
+    embedding (2 either way). Same gradients as the single graph."""
+    traj = _grouped(_trajectories(seed=3), [3, 2])
+    spec = MixtureSpec(k=K, selection="sample", weighting="dirichlet")
+    weights = {
+        "decoder": model.model.layers[0].mlp.down_proj.weight,
+        "tied": model.get_input_embeddings().weight,
+    }
+    assert model.lm_head.weight is weights["tied"]
+    counts = dict.fromkeys(weights, 0)
+    hooks = [
+        w.register_post_accumulate_grad_hook(lambda p, n=name: counts.__setitem__(n, counts[n] + 1))
+        for name, w in weights.items()
+    ]
+    got = {}
+    try:
+        for share in (False, True):
+            if checkpointing:
+                model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.train()
+            counts.update(dict.fromkeys(weights, 0))
+            model.zero_grad()
+            try:
+                scores = score_trajectories(
+                    model, traj, spec, likelihood="exact", share_prompt=share
+                )
+                (scores.action_logprob * traj.completion_mask).sum().backward()
+            finally:
+                model.gradient_checkpointing_disable()
+                model.eval()
+            got[share] = dict(counts), {n: w.grad.clone() for n, w in weights.items()}
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.zero_grad()
+    assert got[False][0] == {"decoder": 1, "tied": 2}
+    assert got[True][0] == {"decoder": 2, "tied": 2}
+    for name in weights:
+        assert torch.allclose(got[True][1][name], got[False][1][name], rtol=1e-4, atol=1e-6)
+
+
 def test_one_action_rows_share_the_prompt(model):
     traj = _grouped(_trajectories(), [2, 2, 1])
     one = traj.select(list(range(5)))

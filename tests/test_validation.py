@@ -107,8 +107,10 @@ def test_backend_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_backend("op", None, cpu) == "reference"
     assert resolve_backend("op", "reference", cpu) == "reference"
+    assert resolve_backend("op", None, cpu, auto_cpu="chunked") == "chunked"  # mixture_logprobs
     monkeypatch.setenv("MOTG_BACKEND", "reference")
     assert resolve_backend("op", None, torch.device("cuda")) == "reference"
+    assert resolve_backend("op", None, cpu, auto_cpu="chunked") == "reference"
     monkeypatch.setenv("MOTG_BACKEND", "fast")
     with pytest.raises(ValueError, match="unknown MOTG_BACKEND 'fast'"):
         resolve_backend("op", None, cpu)

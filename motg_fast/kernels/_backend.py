@@ -48,15 +48,18 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
-    """Return "reference" or "triton" for one call of `op` on tensors living on `device`.
+def resolve_backend(
+    op: str, backend: str | None, device: torch.device, auto_cpu: str = "reference"
+) -> str:
+    """Return "reference" or "triton" for one call of `op` on tensors living on `device`
+    (or `auto_cpu` when chosen automatically where Triton does not run).
 
     Raises ValueError for an unknown name and RuntimeError when "triton" is forced where it
     cannot run (no Triton, or CPU tensors without the interpreter).
     """
     requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if requested is None:
-        return "triton" if HAS_TRITON and device.type == "cuda" else "reference"
+        return "triton" if HAS_TRITON and device.type == "cuda" else auto_cpu
     if requested not in BACKENDS:
         source = "backend" if backend is not None else ENV_VAR
         raise ValueError(f"{op}: unknown {source} {requested!r}; expected one of {BACKENDS}")

@@ -44,9 +44,9 @@ backward's `dW` matmul is torch's). The flag is read at each launch: a forward's
 and logits at the ids share one precision by construction, and its backward uses the same
 one unless the flag is switched in between.
 
-Chunked path (`"chunked"`, plain torch, any device; `logprobs_chunked.py`): the same
-outputs through torch GEMMs (cuBLAS on CUDA), a chunk of rows or vocabulary columns at a time;
-why Triton stays the CUDA default is argued there.
+Chunked path (`"chunked"`, the default off CUDA, where `[N,V]` logits would set a training
+step's peak memory; `logprobs_chunked.py`): the same outputs through torch GEMMs, a chunk of
+rows or vocabulary columns at a time; why Triton stays the CUDA default is argued there.
 
 Autocast: under `torch.autocast` the Triton and chunked paths run hidden and weight in the
 autocast dtype, as `F.linear` would; the cast of a trainable LM head is made once per weight
@@ -461,7 +461,7 @@ def mixture_logprobs(
         lm_head_weight: `[V,H]` LM-head weight, tied to the embedding or not (gradient too).
         ids: `[..., k]` token ids whose log-probs are wanted.
         temperature: τ > 0.
-        backend: None (auto: `"triton"` for CUDA tensors, else `"reference"`),
+        backend: None (auto: `"triton"` for CUDA tensors, else `"chunked"`),
             `"reference"`, `"triton"` (fused kernels), or `"chunked"` (torch GEMMs in
             chunks, any device; chosen per call only); env `MOTG_BACKEND` as fallback for
             the first three. float64 inputs always run the reference; the triton and
@@ -485,7 +485,7 @@ def mixture_logprobs(
     if backend == "chunked":
         path = "chunked"
     else:
-        path = resolve_backend("mixture_logprobs", backend, hidden.device)
+        path = resolve_backend("mixture_logprobs", backend, hidden.device, auto_cpu="chunked")
     args = (hidden, lm_head_weight, ids, temperature)
     if path == "reference" or torch.float64 in (hidden.dtype, lm_head_weight.dtype):
         outputs = _reference_path(*args, return_entropy, return_rest)

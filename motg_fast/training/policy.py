@@ -36,6 +36,7 @@ from ..kernels import (
 )
 from ..kernels.gaussian import gaussian_input_noise, gaussian_log_density
 from ..types import Phase, Trajectories, left_pad
+from .backward_apart import backward_apart, can_cut
 from .shared_prompt import can_share_prompt, distinct_prompts, shared_prompt_forward
 
 
@@ -290,6 +291,8 @@ def score_trajectories(
             position_ids=batch.position_ids,
             use_cache=False,
         ).last_hidden_state[:, start:]
+    if head_weight is embedding and can_cut(hidden):  # a tied head: see backward_apart
+        (hidden,) = backward_apart([hidden])
     need_rest = likelihood == "exact" and spec.needs_rest
     logprobs, _, *rest = mixture_logprobs(
         hidden, head_weight, traj.ids, temperature=spec.temperature, return_rest=need_rest

@@ -10,6 +10,10 @@ update returns "fixed prefix + new states" instead of appending to what it holds
 keeps only the first call's: replaying a layer (gradient checkpointing recomputes each
 layer during backward) returns the same keys and values as the first call and leaves the
 cache as it was, so sharing and activation checkpointing combine.
+
+Every weight serves both passes: where it can (`can_cut`), the prompt pass is
+back-propagated apart (`backward_apart`), so autograd does not hold the fed-back pass's
+gradient of every weight until the prompt pass's arrives.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import functools
 import torch
 
 from ..models import cache_argument
+from .backward_apart import backward_apart, can_cut
 
 
 def distinct_prompts(prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -92,25 +97,30 @@ def prefix_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
 
     class PrefixLayer(DynamicLayer):
-        """A cache layer holding a fixed prefix `[B,heads,S,d]` (or none). Each update
-        returns prefix + the new states; the first one is kept (the next pass reads it),
-        a replayed one (activation checkpointing's recomputation) is not: it appends
-        nothing twice and keeps no recomputed tensor, with its graph, alive."""
+        """A cache layer holding a fixed prefix `[U,heads,S,d]` (or none), gathered to
+        the batch's rows by `rows [B]` when given. Each update returns prefix + the new
+        states; with `keep`, the first one is kept (the next pass reads it), a replayed
+        one (activation checkpointing's recomputation) is not: it appends nothing twice
+        and keeps no recomputed tensor, with its graph, alive. Without `keep` (the last
+        pass) nothing is kept: the gathered prefix and the concatenation live only as long
+        as the attention needs them."""
 
-        def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        def __init__(self, keys=None, values=None, rows=None, keep: bool = True):
             super().__init__()
-            self.prefix = (keys, values)
+            self.prefix, self.rows, self.keep = (keys, values), rows, keep
             self.updated = False
-            if keys is not None:
+            if keys is not None:  # the prefix's length is the cache's length
                 self.device, self.keys, self.values = keys.device, keys, values
                 self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
             keys, values = self.prefix
             if keys is not None:
+                if self.rows is not None:
+                    keys, values = (t.index_select(0, self.rows) for t in (keys, values))
                 key_states = torch.cat([keys, key_states], dim=-2)
                 value_states = torch.cat([values, value_states], dim=-2)
-            if not self.updated:
+            if self.keep and not self.updated:
                 self.device, self.keys, self.values = key_states.device, key_states, value_states
                 self.is_initialized = self.updated = True
             return key_states, value_states
@@ -137,47 +147,59 @@ def shared_prompt_forward(
     prompt once (`shared` from `distinct_prompts`; `batch` a
     :class:`~motg_fast.training.policy.SequenceBatch`).
 
-    One pass runs the U distinct prompts `[U,P]` into a KV cache; its keys and values are
-    gathered to the N rows (`index_select`, whose backward sums the rows' gradients into
-    their prompt's) and a second pass runs the fed-back actions `[N,T−1]` on that cache.
+    One pass runs the U distinct prompts `[U,P]` into a KV cache; a second runs the
+    fed-back actions `[N,T−1]` on it, each layer gathering its keys and values to the N
+    rows (`index_select`, whose backward sums the rows' gradients into their prompt's).
     Positions, masks and therefore outputs are those of the full forward over
     `inputs [N,P+T−1,H]`; only the order of floating-point sums differs.
     """
     p = batch.prompt_length
     prompt_of_row, first_row = (index.to(inputs.device) for index in shared)
+    fed_back = inputs.shape[1] > p  # else one action per row: no second pass
+    apart = fed_back and inputs.requires_grad and can_cut(inputs)
     with keep_cache_under_checkpointing(decoder):
-        return _two_passes(decoder, inputs, batch, p, prompt_of_row, first_row)
+        last, keys, values = _prompt_pass(decoder, inputs[first_row, :p], batch, first_row, apart)
+        last_prompt = last[prompt_of_row]  # [N,1,H] scores action 0
+        if not fed_back:
+            return last_prompt
+        return _fed_pass(decoder, inputs, batch, last_prompt, keys, values, prompt_of_row)
 
 
-def _two_passes(decoder, inputs, batch, p, prompt_of_row, first_row) -> torch.Tensor:
-    """The two passes of `shared_prompt_forward`."""
-    cache_kwarg = cache_argument(decoder)
+def _prompt_pass(decoder, prompt_inputs, batch, first_row, apart: bool):
+    """`(last hidden state [U,1,H], keys, values)` of the distinct prompts `[U,P,H]` (one
+    `[U,heads,P,d]` per layer); with `apart`, cut from the graph (`backward_apart`)."""
+    p = prompt_inputs.shape[1]
+    leaf = prompt_inputs.detach().requires_grad_() if apart else prompt_inputs
     prompt_cache = _prefix_cache()
-    prompt_hidden = decoder(
-        inputs_embeds=inputs[first_row, :p],
+    hidden = decoder(
+        inputs_embeds=leaf,
         attention_mask=batch.attention_mask[first_row, :p],
         position_ids=batch.position_ids[first_row, :p],
         use_cache=False,  # the given cache is still filled; True warns under checkpointing
-        **{cache_kwarg: prompt_cache},
+        **{cache_argument(decoder): prompt_cache},
     ).last_hidden_state
-    last_prompt = prompt_hidden[prompt_of_row, p - 1 :]  # [N,1,H] scores action 0
-    if inputs.shape[1] == p:  # one action per row: nothing is fed back
-        return last_prompt
+    outputs = [hidden[:, p - 1 :]]
+    outputs += [layer.keys for layer in prompt_cache.layers]
+    outputs += [layer.values for layer in prompt_cache.layers]
+    if apart:
+        outputs = backward_apart(outputs, [leaf], [prompt_inputs])
+    n = len(prompt_cache.layers)
+    return outputs[0], outputs[1 : 1 + n], outputs[1 + n :]
+
+
+def _fed_pass(decoder, inputs, batch, last_prompt, keys, values, prompt_of_row):
+    """`[N,T,H]`: the last prompt state and every row's fed-back actions run on its
+    prompt's keys and values (gathered per layer as the layer runs)."""
+    p = batch.prompt_length
     layer_class = prefix_layer_class()
     row_cache = _prefix_cache(
-        [
-            layer_class(
-                layer.keys.index_select(0, prompt_of_row),
-                layer.values.index_select(0, prompt_of_row),
-            )
-            for layer in prompt_cache.layers
-        ]
+        [layer_class(k, v, rows=prompt_of_row, keep=False) for k, v in zip(keys, values)]
     )
     fed_hidden = decoder(
         inputs_embeds=inputs[:, p:],
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids[:, p:],
         use_cache=False,  # the given cache is still filled; True warns under checkpointing
-        **{cache_kwarg: row_cache},
+        **{cache_argument(decoder): row_cache},
     ).last_hidden_state
     return torch.cat([last_prompt, fed_hidden], dim=1)
