@@ -190,9 +190,9 @@ class DecodingConfig:
         _check_fields(self)
         spec = self.spec  # the spec checks its own fields
         if self.compile_decode:
-            from .rollout.static_decode import check_static
+            from .kernels.step_op import check_compilable
 
-            check_static(spec)
+            check_compilable(spec)
 
     @property
     def spec(self) -> MixtureSpec:

@@ -108,8 +108,8 @@ def test_one_graph_serves_prompts_of_other_widths(tokenizer, prompts):
 
 def test_dirichlet_weights_are_refused_before_any_step(tokenizer, prompts):
     engine = _engine(tiny_llama(), tokenizer)
-    with pytest.raises(ValueError, match="does not support weighting='dirichlet'"):
+    with pytest.raises(ValueError, match="cannot draw weighting='dirichlet'"):
         engine.generate(prompts, MixtureSpec.preset("paper_dirichlet"), group_size=2)
-    with pytest.raises(ValueError, match="does not support weighting='dirichlet'"):
+    with pytest.raises(ValueError, match="cannot draw weighting='dirichlet'"):
         Config(weighting="dirichlet", compile_decode=True)
     assert Config(weighting="gumbel", compile_decode=True).compile_decode

@@ -56,13 +56,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..kernels import MixtureSpec, mixture_step
+from ..kernels.step_op import check_compilable
 from ..models import cache_argument
 from ..types import Phase, Trajectories, left_pad
 from .cache import PreallocatedCache, check_layer_types
 from .checks import check_length, check_prompts, check_run, resolve_eos, resolve_pad
 from .decode_state import Active, Known, Plan, Record, Step, noisy_inputs
 from .marker import MarkerMatcher, decode_token_texts
-from .static_decode import StaticDecode, check_static
+from .static_decode import StaticDecode
 
 __all__ = ["RolloutEngine"]
 
@@ -198,7 +199,7 @@ class RolloutEngine(StaticDecode):
         prompts = check_prompts(prompt_ids, steps, self.vocab_size, self.max_positions)
         check_run(group_size, spec, self.vocab_size)
         if self.compile_decode:
-            check_static(spec)
+            check_compilable(spec)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)

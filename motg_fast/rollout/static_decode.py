@@ -1,14 +1,15 @@
 """The compiled decode path of the rollout engine (`RolloutEngine(compile_decode=True)`).
 
 One decode step is a pure function of static-shape tensors (:meth:`StaticDecode.static_step`):
-the mixture step (the PyTorch reference, its noise given), the end-of-thinking and EOS
-bookkeeping, the Gaussian input noise, cold stop, and the model forward over a transformers
-``StaticCache`` of all N rows and capacity P + T − 1, written at a cache position held in a
-tensor. No host synchronisation and no data-dependent Python branch is reachable from it,
-so ``torch.compile(fullgraph=True)`` captures it whole (tested on CPU for every method
-preset but the Dirichlet ones): on CUDA with ``mode="reduce-overhead"`` (CUDA graphs; the
-shapes never change within a call, so one graph per (rows, capacity)), elsewhere with the
-default mode.
+the mixture step (its noise given; `mixture_step_compilable`: the Triton kernels as the
+custom op ``motg_fast::mixture_step`` where they run, else the PyTorch reference), the
+end-of-thinking and EOS bookkeeping, the Gaussian input noise, cold stop, and the model
+forward over a transformers ``StaticCache`` of all N rows and capacity P + T − 1, written
+at a cache position held in a tensor. No host synchronisation and no data-dependent Python
+branch is reachable from it, so ``torch.compile(fullgraph=True)`` captures it whole (tested
+on CPU for every method preset but the Dirichlet ones): on CUDA with
+``mode="reduce-overhead"`` (CUDA graphs; the shapes never change within a call, so one
+graph per (rows, capacity)), elsewhere with the default mode.
 
 What differs from the eager path (`engine.py`):
 
@@ -28,32 +29,26 @@ What differs from the eager path (`engine.py`):
   ``StaticCache`` does, instead of the filled prefix.
 - **Dirichlet weights are not supported**: their Gamma draws depend on the step's
   probabilities, so they cannot be drawn before it (a clear error).
-- The Triton kernels are not used inside the compiled step: it compiles the reference, which
-  the compiler fuses; registering the kernels as custom ops is future work.
+- **The mixture step's path** is the engine's `backend` as in the eager path, but through
+  `mixture_step_compilable`: on CUDA the Triton kernels, one opaque custom-op node of the
+  graph (its launches captured by CUDA graphs); on a CPU the reference, compiled.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from ..kernels import MixtureSpec, StepNoise, mixture_step_ref
+from ..kernels import MixtureSpec, StepNoise
 from ..kernels.mixture_math import gumbel_noise
 from ..kernels.mixture_step import selection_noise_shape
+from ..kernels.step_op import mixture_step_compilable
 from ..types import Phase
 from .decode_state import Active, Plan, Step, noisy_inputs
 
 SAMPLED_SELECTIONS = ("sample", "sample_topk", "iid")
-
-
-def check_static(spec: MixtureSpec) -> None:
-    """One-line error for a spec the compiled decode cannot run."""
-    if spec.weighting == "dirichlet":
-        raise ValueError(
-            "compile_decode does not support weighting='dirichlet': its Gamma draws depend "
-            "on the step's probabilities and cannot be drawn before the step; decode eagerly"
-        )
 
 
 def draw_noise(
@@ -152,9 +147,10 @@ class StaticDecode:
 
     def _static_choose(self, logits, active: Active, noise, spec: MixtureSpec) -> Step:
         """Both the k-slot and the discrete step, picked per row by phase."""
-        mixture = Step.of(mixture_step_ref(logits, self.embedding, spec, noise=noise[0]))
+        step = functools.partial(mixture_step_compilable, backend=self.backend)
+        mixture = Step.of(step(logits, self.embedding, spec, noise[0]))
         if self._static_needs_answer_step(spec):
-            raw = mixture_step_ref(logits, self.embedding, spec.answer_spec(), noise=noise[1])
+            raw = step(logits, self.embedding, spec.answer_spec(), noise[1])
             discrete = Step.discrete(raw, spec.k)
             mixture = Step.blend(mixture, discrete, active.phase == int(Phase.DISCRETE))
         if active.forced is not None:
