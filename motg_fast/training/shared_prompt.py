@@ -156,7 +156,7 @@ def shared_prompt_forward(
     p = batch.prompt_length
     prompt_of_row, first_row = (index.to(inputs.device) for index in shared)
     fed_back = inputs.shape[1] > p  # else one action per row: no second pass
-    apart = fed_back and inputs.requires_grad and can_cut(inputs)
+    apart = fed_back and can_cut(inputs)
     with keep_cache_under_checkpointing(decoder):
         last, keys, values = _prompt_pass(decoder, inputs[first_row, :p], batch, first_row, apart)
         last_prompt = last[prompt_of_row]  # [N,1,H] scores action 0
