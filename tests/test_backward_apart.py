@@ -53,6 +53,27 @@ def test_without_sources_the_piece_still_back_propagates():
     assert torch.allclose(w.grad, expected)
 
 
+def test_a_source_without_gradient_still_gets_the_piece_back_propagated():
+    w = torch.randn(3, 3, requires_grad=True)
+    x = torch.randn(2, 3)  # no gradient
+    leaf = x.detach().requires_grad_()
+    (h,) = backward_apart([torch.tanh(leaf @ w)], [leaf], [x])
+    h.sum().backward()
+    assert w.grad is not None and torch.allclose(w.grad, x.t() @ (1 - torch.tanh(x @ w) ** 2))
+
+
+def test_a_second_backward_or_create_graph_is_refused():
+    w = torch.randn(3, requires_grad=True)
+    (h,) = backward_apart([w * 2])
+    loss = (h**2).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already back-propagated"):
+        loss.backward()
+    (h,) = backward_apart([w * 2])
+    with pytest.raises(RuntimeError, match="create_graph=True is not supported"):
+        (h**2).sum().backward(create_graph=True)
+
+
 def test_can_cut_only_while_recording_gradients():
     w = torch.ones(2, requires_grad=True)
     assert can_cut(w * 2)

@@ -194,7 +194,9 @@ def test_shared_prompt_forward_equals_the_full_forward_with_gradients(model, noi
     got = {}
     for share in (False, True):
         model.zero_grad()
-        scores = score_trajectories(model, traj, spec, likelihood="exact", share_prompt=share)
+        scores = score_trajectories(
+            model, traj, spec, likelihood="exact", share_prompt=share, backward_once=True
+        )
         (scores.action_logprob * traj.completion_mask).sum().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         got[share] = scores, grads
@@ -209,11 +211,12 @@ def test_shared_prompt_forward_equals_the_full_forward_with_gradients(model, noi
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_weights_used_twice_get_each_use_accumulated_without_holding_it(model, checkpointing):
-    """In one process, a weight serving two pieces of the forward has each piece's gradient
-    accumulated into `.grad` as soon as that piece is back-propagated, instead of autograd
-    holding the first until the second arrives (one accumulation): the shared prompt's
-    two passes (a decoder weight: 2 with sharing, 1 without) and the tied LM head and input
-    embedding (2 either way). Same gradients as the single graph."""
+    """In one process with `backward_once`, a weight serving two pieces of the forward has
+    each piece's gradient accumulated into `.grad` as soon as that piece is
+    back-propagated, instead of autograd holding the first until the second arrives (one
+    accumulation): the shared prompt's two passes (a decoder weight: 2 with sharing, 1
+    without) and the tied LM head and input embedding (2 either way). Same gradients as
+    the single graph."""
     traj = _grouped(_trajectories(seed=3), [3, 2])
     spec = MixtureSpec(k=K, selection="sample", weighting="dirichlet")
     weights = {
@@ -236,7 +239,7 @@ def test_weights_used_twice_get_each_use_accumulated_without_holding_it(model, c
             model.zero_grad()
             try:
                 scores = score_trajectories(
-                    model, traj, spec, likelihood="exact", share_prompt=share
+                    model, traj, spec, likelihood="exact", share_prompt=share, backward_once=True
                 )
                 (scores.action_logprob * traj.completion_mask).sum().backward()
             finally:
@@ -251,6 +254,30 @@ def test_weights_used_twice_get_each_use_accumulated_without_holding_it(model, c
     assert got[True][0] == {"decoder": 2, "tied": 2}
     for name in weights:
         assert torch.allclose(got[True][1][name], got[False][1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_reentrant_checkpointing_does_not_share_the_prompt(model):
+    """Reentrant checkpointing replays a layer without a graph, so a shared prompt's keys
+    would carry no gradient from the fed-back pass: prompts are not shared there, and the
+    gradients are the full forward's."""
+    traj = _grouped(_trajectories(seed=4), [3, 2])
+    spec = MixtureSpec(k=K)
+    got = {}
+    for reentrant in (False, True):
+        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        model.train()
+        try:
+            assert can_share_prompt(model) is not reentrant
+            model.zero_grad()
+            scores = score_trajectories(model, traj, spec, likelihood="token", backward_once=True)
+            (scores.action_logprob * traj.completion_mask).sum().backward()
+        finally:
+            model.gradient_checkpointing_disable()
+            model.eval()
+        got[reentrant] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    for name, grad in got[False].items():
+        assert torch.allclose(got[True][name], grad, rtol=1e-4, atol=1e-6), name
 
 
 def test_one_action_rows_share_the_prompt(model):
@@ -285,7 +312,9 @@ def test_shared_prompt_under_gradient_checkpointing_keeps_values_and_gradients(m
         assert can_share_prompt(model)  # the shared path, not the fallback
         try:
             model.zero_grad()
-            scores = score_trajectories(model, traj, spec, likelihood="exact", share_prompt=share)
+            scores = score_trajectories(
+                model, traj, spec, likelihood="exact", share_prompt=share, backward_once=True
+            )
             (scores.action_logprob * traj.completion_mask).sum().backward()
         finally:
             model.gradient_checkpointing_disable()

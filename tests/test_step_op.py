@@ -3,6 +3,7 @@
 step that calls it with the kernels' own outputs, the reference's choices for the same
 noise, and a compiled rollout through it. On a CPU the kernels run in Triton's interpreter."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from motg_fast.kernels.mixture_step import mixture_step_ref
 from motg_fast.kernels.step_op import (
     check_compilable,
     mixture_step_compilable,
+    spec_from_key,
     spec_key,
     uses_step_op,
 )
@@ -93,6 +95,12 @@ def test_the_op_makes_the_references_choices_for_the_same_noise(name):
     assert (op.rest_logprob is None) == (ref.rest_logprob is None)
     if ref.rest_logprob is not None:
         assert torch.allclose(op.rest_logprob, ref.rest_logprob, atol=1e-5)
+
+
+def test_the_spec_travels_to_the_op_whole():
+    """The op's string argument gives the spec back, numpy floats included."""
+    for spec in (*SPECS.values(), MixtureSpec(k=2, temperature=np.float64(0.7), top_p=0.9)):
+        assert spec_from_key(spec_key(spec)) == spec
 
 
 def test_the_path_follows_the_backend_and_the_spec():

@@ -31,11 +31,14 @@ _RANDOM_SELECTIONS = ("sample", "sample_topk", "iid")
 def spec_key(spec: MixtureSpec) -> str:
     """The spec as the op's string argument: the repr of its field values in order (equal
     specs, equal strings; plain Python that the compiler traces)."""
-    return repr(tuple(getattr(spec, field.name) for field in dataclasses.fields(spec)))
+    values = (getattr(spec, field.name) for field in dataclasses.fields(spec))
+    # a float subclass (numpy's float64) would repr as a call literal_eval cannot read
+    return repr(tuple(float(v) if isinstance(v, float) else v for v in values))
 
 
 @functools.lru_cache(maxsize=64)
-def _spec_of(key: str) -> MixtureSpec:
+def spec_from_key(key: str) -> MixtureSpec:
+    """The spec whose `spec_key` is `key`."""
     return MixtureSpec(**dict(zip(MixtureSpec.field_names(), ast.literal_eval(key))))
 
 
@@ -73,7 +76,7 @@ def _mixture_step_op(
 ]:
     """`MixtureStep`'s fields in order; `rest_logprob` `[0]` when the spec needs none."""
     noise = StepNoise(selection_noise, weight_noise, token_noise)
-    step = mixture_step_triton(logits, embedding, _spec_of(spec), noise=noise)
+    step = mixture_step_triton(logits, embedding, spec_from_key(spec), noise=noise)
     rest = step.rest_logprob
     if rest is None:
         rest = torch.empty(0, dtype=torch.float32, device=logits.device)
@@ -83,7 +86,7 @@ def _mixture_step_op(
 @_mixture_step_op.register_fake
 def _mixture_step_fake(logits, embedding, spec, selection_noise, weight_noise, token_noise):
     """Outputs' shapes and dtypes (`MixtureStep`) without running the step."""
-    parsed = _spec_of(spec)
+    parsed = spec_from_key(spec)
     rows, k, width = logits.shape[0], parsed.k, embedding.shape[1]
 
     def new(*shape, dtype=torch.float32):
@@ -150,6 +153,7 @@ __all__ = [
     "check_compilable",
     "mixture_step_compilable",
     "missing_noise",
+    "spec_from_key",
     "spec_key",
     "uses_step_op",
 ]

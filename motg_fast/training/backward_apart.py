@@ -8,8 +8,11 @@ out of the graph; its backward runs as soon as the enclosing backward has delive
 gradients of the piece's outputs, so each piece's weight gradients go straight into
 `.grad` (same gradients, summed in another order).
 
-Only in one process (`can_cut`): DDP's reducer and FSDP's hooks take each parameter's
-gradient once per backward, so there the graph stays whole.
+The contract (`can_cut`): the caller back-propagates once, with `.backward()` into the
+leaves' `.grad`, in one process. Not `torch.autograd.grad` or `backward(inputs=...)` (the
+piece's gradients would go to `.grad` regardless), not `create_graph=True` or a second
+backward through a retained graph (both refused with an error), and not under DDP or FSDP,
+whose hooks take each parameter's gradient once per backward.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import torch
 
 
 def can_cut(*outputs: torch.Tensor) -> bool:
-    """Whether `backward_apart` applies: gradients are being recorded for `outputs`, in one
-    process."""
+    """Whether `backward_apart` applies to `outputs`: gradients are being recorded for
+    them, in one process (the caller also keeps the rest of the contract above)."""
     if not (torch.is_grad_enabled() and any(out.requires_grad for out in outputs)):
         return False
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -32,34 +35,41 @@ def backward_apart(
     leaves: Sequence[torch.Tensor] = (),
     sources: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, ...]:
-    """Copies of `outputs` (any shapes) cut from their graph; their backward runs the
+    """Views of `outputs` (any shapes) cut from their graph; their backward runs the
     outputs' own graph with the gradients they received, then passes the gradient of each
     of `leaves` (detached `requires_grad` copies of `sources` that the outputs were
     computed from) on to its source. Gradients that reach nothing but the outputs' graph
-    (weights) are accumulated there."""
+    (weights) are accumulated into `.grad` there."""
     if len(leaves) != len(sources):
         raise ValueError("backward_apart: one source per leaf")
-    # with no source, a dummy input requiring grad keeps the cut in the enclosing graph
-    anchors = tuple(sources) or (torch.empty(0, requires_grad=True),)
+    # an input requiring grad keeps the cut in the enclosing graph even when no source does
+    anchor = torch.empty(0, requires_grad=True)
     cut = [out.detach() for out in outputs]
-    return _Apart.apply((list(outputs), list(leaves)), len(anchors), *anchors, *cut)
+    return _Apart.apply((list(outputs), list(leaves)), anchor, *sources, *cut)
 
 
 class _Apart(torch.autograd.Function):
     """Identity on detached outputs; the backward of `backward_apart`."""
 
     @staticmethod
-    def forward(ctx, graph, n_anchors: int, *tensors):
-        ctx.graph, ctx.n_anchors = graph, n_anchors
-        return tuple(t.clone() for t in tensors[n_anchors:])
+    def forward(ctx, piece, anchor, *tensors):
+        ctx.piece = piece  # (outputs in the piece's graph, leaves)
+        ctx.set_materialize_grads(False)  # an output without gradient stays None
+        return tuple(t.view_as(t) for t in tensors[len(piece[1]) :])
 
     @staticmethod
     def backward(ctx, *grads):
-        outputs, leaves = ctx.graph
-        ctx.graph = None  # the piece's graph is freed with this backward
+        if ctx.piece is None:
+            raise RuntimeError(
+                "backward_apart: this piece was already back-propagated (a second backward "
+                "through a retained graph, or reentrant checkpointing replaying it)"
+            )
+        if torch.is_grad_enabled():
+            raise RuntimeError("backward_apart: create_graph=True is not supported")
+        outputs, leaves = ctx.piece
+        ctx.piece = None  # the piece's graph is freed with this backward
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         if pairs:
             with torch.enable_grad():  # activation checkpointing replays layers here
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        anchor_grads = [leaf.grad for leaf in leaves] or [None] * ctx.n_anchors
-        return (None, None, *anchor_grads, *(None for _ in grads))
+        return (None, None, *(leaf.grad for leaf in leaves), *(None for _ in grads))

@@ -260,6 +260,7 @@ def score_trajectories(
     frozen: FrozenEmbedding | None = None,
     deterministic: bool = False,
     share_prompt: bool = True,
+    backward_once: bool = False,
 ) -> PolicyScores:
     """Run the policy over stored trajectories; differentiable in the model's parameters.
 
@@ -268,7 +269,10 @@ def score_trajectories(
     policy (Gaussian soft tokens after an update, see `FrozenEmbedding`); `deterministic`
     the summation mode of the embedding gradient (`mixture_embed`); `share_prompt` runs
     each distinct prompt once and its rows' completions on copies of its KV cache
-    (`shared_prompt_forward`: the same function, G× less prompt compute for G rows).
+    (`shared_prompt_forward`: the same function, G× less prompt compute for G rows);
+    `backward_once` says the caller back-propagates the scores once with `.backward()`, in
+    which case the pieces of the forward that use a weight twice are back-propagated apart
+    (`backward_apart`: less memory, the same gradients).
     """
     batch = build_sequence_batch(traj)
     decoder, head_weight = decoder_and_head(model)
@@ -283,7 +287,7 @@ def score_trajectories(
         inputs = with_rollout_inputs(inputs, traj, spec, frozen, start)
     shared = distinct_prompts(traj.prompt_ids) if share_prompt else None
     if shared is not None and can_share_prompt(model):
-        hidden = shared_prompt_forward(decoder, inputs, batch, shared)
+        hidden = shared_prompt_forward(decoder, inputs, batch, shared, apart=backward_once)
     else:
         hidden = decoder(
             inputs_embeds=inputs,
@@ -291,7 +295,7 @@ def score_trajectories(
             position_ids=batch.position_ids,
             use_cache=False,
         ).last_hidden_state[:, start:]
-    if head_weight is embedding and can_cut(hidden):  # a tied head: see backward_apart
+    if backward_once and head_weight is embedding and can_cut(hidden):  # a tied head
         (hidden,) = backward_apart([hidden])
     need_rest = likelihood == "exact" and spec.needs_rest
     logprobs, _, *rest = mixture_logprobs(

@@ -11,9 +11,11 @@ keeps only the first call's: replaying a layer (gradient checkpointing recompute
 layer during backward) returns the same keys and values as the first call and leaves the
 cache as it was, so sharing and activation checkpointing combine.
 
-Every weight serves both passes: where it can (`can_cut`), the prompt pass is
+Every weight serves both passes: when the caller allows it (`apart`), the prompt pass is
 back-propagated apart (`backward_apart`), so autograd does not hold the fed-back pass's
-gradient of every weight until the prompt pass's arrives.
+gradient of every weight until the prompt pass's arrives. Reentrant activation
+checkpointing replays a layer's forward without a graph, which would cut the gradient from
+the fed-back pass to the prompt's keys and values: there prompts are not shared.
 """
 
 from __future__ import annotations
@@ -63,17 +65,27 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def can_share_prompt(model: torch.nn.Module) -> bool:
     """Whether `shared_prompt_forward` applies: only full-attention layers (a sliding window
-    or a recurrent layer keeps no plain K/V to copy) and, under gradient checkpointing, a
-    transformers that lets a checkpointed layer keep its cache (`_REPLAY_SAFE_FLAG`)."""
+    or a recurrent layer keeps no plain K/V to copy) and, under gradient checkpointing,
+    non-reentrant checkpointing in a transformers that lets a checkpointed layer keep its
+    cache (`_REPLAY_SAFE_FLAG`)."""
     checkpointing = any(
         getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
     )
     layers = checkpointed_layers(model) if checkpointing else []
     if checkpointing and not (layers and all(hasattr(m, _REPLAY_SAFE_FLAG) for m in layers)):
         return False
+    if any(_reentrant(layer) for layer in layers):
+        return False
     text_config = model.config.get_text_config(decoder=True)
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
     return set(layer_types) == {"full_attention"}
+
+
+def _reentrant(layer: torch.nn.Module) -> bool:
+    """Whether transformers checkpoints `layer` with reentrant checkpointing (its
+    checkpoint function's `use_reentrant`, torch's default True when unset or unknown)."""
+    function = getattr(layer, "_gradient_checkpointing_func", None)
+    return getattr(function, "keywords", {}).get("use_reentrant", True) is not False
 
 
 @contextlib.contextmanager
@@ -142,6 +154,7 @@ def shared_prompt_forward(
     inputs: torch.Tensor,
     batch,
     shared: tuple[torch.Tensor, torch.Tensor],
+    apart: bool = False,
 ) -> torch.Tensor:
     """The final hidden states `[N,T,H]` that score the T actions, computing each distinct
     prompt once (`shared` from `distinct_prompts`; `batch` a
@@ -151,12 +164,13 @@ def shared_prompt_forward(
     fed-back actions `[N,T−1]` on it, each layer gathering its keys and values to the N
     rows (`index_select`, whose backward sums the rows' gradients into their prompt's).
     Positions, masks and therefore outputs are those of the full forward over
-    `inputs [N,P+T−1,H]`; only the order of floating-point sums differs.
+    `inputs [N,P+T−1,H]`; only the order of floating-point sums differs. With `apart` (the
+    caller keeps `backward_apart`'s contract) the prompt pass is back-propagated apart.
     """
     p = batch.prompt_length
     prompt_of_row, first_row = (index.to(inputs.device) for index in shared)
     fed_back = inputs.shape[1] > p  # else one action per row: no second pass
-    apart = fed_back and can_cut(inputs)
+    apart = apart and fed_back and can_cut(inputs)
     with keep_cache_under_checkpointing(decoder):
         last, keys, values = _prompt_pass(decoder, inputs[first_row, :p], batch, first_row, apart)
         last_prompt = last[prompt_of_row]  # [N,1,H] scores action 0

@@ -40,6 +40,7 @@ class PolicyScorer(torch.nn.Module):
             frozen=frozen,
             deterministic=config.deterministic,
             share_prompt=config.share_prompt,
+            backward_once=True,  # GRPOStep.micro_batch back-propagates the loss once
         )
         slots = slot_loglik(scores.logprobs, traj) if config.clip_per_slot else None
         return scores.action_logprob, scores.embed_norm, slots
