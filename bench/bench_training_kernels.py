@@ -163,3 +163,32 @@ def test_mixture_embed_fwd_bwd(benchmark, impl, n):
     # forward reads k rows and writes one per position; backward reads de, writes dE once
     nbytes = (n * K * HIDDEN + 2 * n * HIDDEN + VOCAB * HIDDEN) * element
     measure(benchmark, step, nbytes=nbytes, flops=None, impl=impl, N=n, V=VOCAB, H=HIDDEN, k=K)
+
+
+# One micro-batch of the default job's LM head: SmolLM2-135M, float32 on a CPU.
+HEAD_N, HEAD_V, HEAD_H, HEAD_K = 264, 49152, 576, 3
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU default of mixture_logprobs (CUDA times Triton above)")
+@pytest.mark.parametrize("rest", [False, True], ids=["plain", "rest"])
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_default_model_head_cpu(benchmark, impl, rest):
+    """`mixture_logprobs` forward + backward at the default job's shape (N = 264 positions,
+    V = 49152, H = 576, k = 3): the reference, which holds `[N,V]` logits, against the
+    chunked path, the default off CUDA, which does not; `rest` adds the log-mass outside
+    the ids (the exact likelihood of `sample`)."""
+    benchmark.group = f"default model's LM head, CPU ({'rest' if rest else 'plain'})"
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(HEAD_N, HEAD_H, generator=gen).requires_grad_()
+    weight = (torch.randn(HEAD_V, HEAD_H, generator=gen) * 0.02).requires_grad_()
+    ids = torch.randint(0, HEAD_V, (HEAD_N, HEAD_K), generator=gen)
+    grads = (torch.randn(HEAD_N, HEAD_K, generator=gen), torch.zeros(HEAD_N))
+    grads += (torch.randn(HEAD_N, generator=gen),) if rest else ()
+
+    def head(h, w, i):
+        return mixture_logprobs(h, w, i, temperature=0.9, backend=impl, return_rest=rest)
+
+    step = train_step(head, (hidden, weight, ids), (hidden, weight), grads)
+    step()
+    benchmark.pedantic(step, rounds=min(ROUNDS, 5), iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(impl=impl, rest=rest, N=HEAD_N, V=HEAD_V, H=HEAD_H, k=HEAD_K)
