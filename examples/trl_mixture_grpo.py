@@ -36,8 +36,8 @@ from motg_fast.integrations.trl import MixtureGRPOConfig, MixtureGRPOTrainer
 from motg_fast.models import load_model, load_tokenizer
 from motg_fast.tasks.base import TaskSet
 from motg_fast.tasks.prompting import prompt_text
-from motg_fast.tasks.reasoning_gym import build_tasks
 from motg_fast.tasks.rewards import RewardWeights, score_items
+from motg_fast.tasks.spec import build_tasks
 
 # The defaults of `python -m motg_fast.train`, read from its config parts.
 TASK, DECODING, TRAINING = TaskConfig(), DecodingConfig(), TrainingConfig()

@@ -16,7 +16,7 @@ from motg_fast.evaluate import main
 from motg_fast.evaluation.heldout import evaluate, format_table, summarize
 from motg_fast.kernels import MixtureSpec
 from motg_fast.presets import PRESETS
-from motg_fast.tasks.reasoning_gym import build_tasks
+from motg_fast.tasks.spec import build_tasks
 from motg_fast.testing import tiny_qwen2, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

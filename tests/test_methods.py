@@ -18,7 +18,7 @@ from motg_fast.kernels import MixtureSpec, action_logprob, mixture_step
 from motg_fast.kernels.gaussian import gaussian_input_noise, gaussian_log_density, philox4x32
 from motg_fast.kernels.spec import METHODS
 from motg_fast.rollout.engine import RolloutEngine
-from motg_fast.tasks.reasoning_gym import build_tasks
+from motg_fast.tasks.spec import build_tasks
 from motg_fast.testing import ToyTasks, letter_reward, tiny_qwen2, tiny_tokenizer
 from motg_fast.training.policy import FrozenEmbedding, action_loglik, score_trajectories
 from motg_fast.training.trainer import Trainer

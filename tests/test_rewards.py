@@ -11,7 +11,7 @@ from motg_fast.tasks.prompting import (
     build_prompt,
     plain_prompt,
 )
-from motg_fast.tasks.reasoning_gym import PAPER_TASKS, build_tasks
+from motg_fast.tasks.reasoning_gym import PAPER_TASKS
 from motg_fast.tasks.rewards import (
     RewardWeights,
     answer_format_ok,
@@ -21,6 +21,7 @@ from motg_fast.tasks.rewards import (
     score_items,
     think_closed,
 )
+from motg_fast.tasks.spec import build_tasks
 from motg_fast.testing import tiny_tokenizer
 
 NONE_ANSWER_TASKS = ("graph_color", "propositional_logic", "rubiks_cube")

@@ -8,11 +8,10 @@ from motg_fast.tasks.base import Task, TaskItem
 from motg_fast.tasks.reasoning_gym import (
     PAPER_TASKS,
     available_tasks,
-    build_tasks,
-    check_tasks,
     parse_task_options,
     parse_task_spec,
 )
+from motg_fast.tasks.spec import build_tasks, check_tasks
 
 
 def test_paper_preset_has_the_ten_tasks_with_unit_weights():

@@ -1,4 +1,5 @@
-"""Reasoning Gym tasks: specs, options, weighted mixes and reproducible train/held-out splits.
+"""Reasoning Gym tasks: specs, options and reproducible train/held-out splits (a spec mixing
+them with local files is built by :mod:`motg_fast.tasks.spec`).
 
 A *task spec* is a comma-separated list of Reasoning Gym dataset names, each with an optional
 sampling weight: ``"leg_counting"``, ``"acre:2,syllogism"``. The name of a preset stands for its
@@ -30,7 +31,7 @@ from typing import Any
 
 from reasoning_gym.factory import CURRICULA, DATASETS, create_curriculum
 
-from .base import TaskItem, TaskSet
+from .base import TaskItem
 
 PAPER_TASKS: tuple[str, ...] = (
     "acre",
@@ -255,45 +256,11 @@ class ReasoningGymTask:
         return self.dataset.score_answer(answer, entry)
 
 
-def build_tasks(
-    spec: str,
-    options: str | Mapping[str, Any] | None = None,
-    *,
-    size: int = 10_000,
-    seed: int = 42,
-    heldout_fraction: float = 0.01,
-) -> TaskSet:
-    """Build the :class:`TaskSet` for a task spec and its options (see the module docstring).
-
-    Raises ``ValueError`` with a one-line message for an unknown task (listing the valid ones),
-    a malformed spec or options, or an option a dataset does not accept.
-    """
-    weights = parse_task_spec(spec)
-    per_task = parse_task_options(options, list(weights))
-    tasks = {
-        name: ReasoningGymTask(
-            name, per_task[name], size=size, seed=seed, heldout_fraction=heldout_fraction
-        )
-        for name in weights
-    }
-    return TaskSet(tasks, weights)
-
-
-def check_tasks(spec: str, options: str | Mapping[str, Any] | None = None) -> None:
-    """Validate a spec and its options without generating any item (raises ``ValueError``)."""
-    weights = parse_task_spec(spec)
-    per_task = parse_task_options(options, list(weights))
-    for name in weights:
-        dataset_config(name, per_task[name], seed=0, size=2)
-
-
 __all__ = [
     "PAPER_TASKS",
     "TASK_PRESETS",
     "ReasoningGymTask",
     "available_tasks",
-    "build_tasks",
-    "check_tasks",
     "dataset_config",
     "parse_task_options",
     "parse_task_spec",
