@@ -56,6 +56,12 @@ def _command_classes(module) -> tuple[list[str], list[type]]:
     return list(module.PARTS), list(module.EXTRAS)
 
 
+def _section(title: str, cls: type) -> list[str]:
+    """The lines of one config class's section: its title, its docstring, its option table."""
+    table = field_table(dataclasses.fields(cls))
+    return ["", f"## {title}", "", _cell(cls.__doc__ or ""), "", table]
+
+
 def options_page() -> str:
     """The text of docs/options.md."""
     out = [
@@ -81,24 +87,10 @@ def options_page() -> str:
         links = ", ".join(f"[{p}](#{p})" for p in parts)
         out.append(f"| `python -m motg_fast.{name}` | {links} | {own} |")
     for part, cls in PARTS.items():
-        out += [
-            "",
-            f"## {part}",
-            "",
-            _cell(cls.__doc__ or ""),
-            "",
-            field_table(dataclasses.fields(cls)),
-        ]
+        out += _section(part, cls)
     extras = {cls for module in COMMANDS.values() for cls in _command_classes(module)[1]}
     for cls in sorted(extras, key=lambda c: c.__name__):
-        out += [
-            "",
-            f"## {cls.__name__}",
-            "",
-            _cell(cls.__doc__ or ""),
-            "",
-            field_table(dataclasses.fields(cls)),
-        ]
+        out += _section(cls.__name__, cls)
     out += [
         "",
         "## Changing the config on resume",
