@@ -1,5 +1,7 @@
 """Training forward vs transformers: inputs rebuilt from actions, log-likelihoods per position."""
 
+import contextlib
+
 import pytest
 import torch
 import transformers
@@ -209,6 +211,29 @@ def test_shared_prompt_forward_equals_the_full_forward_with_gradients(model, noi
         assert torch.allclose(shared_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+@contextlib.contextmanager
+def _training(model, checkpointing: str | None = None):
+    """`model` in train mode for the block, with activation checkpointing
+    (`"reentrant"`/`"non_reentrant"`) or without (None); eval mode again afterwards."""
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+    model.train()
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+
+
+def _backward(model, traj, spec, **options):
+    """Fresh gradients of the completions' summed log-likelihoods (`score_trajectories`
+    with `backward_once`); returns the scores."""
+    model.zero_grad()
+    scores = score_trajectories(model, traj, spec, backward_once=True, **options)
+    (scores.action_logprob * traj.completion_mask).sum().backward()
+    return scores
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_weights_used_twice_get_each_use_accumulated_without_holding_it(model, checkpointing):
     """In one process with `backward_once`, a weight serving two pieces of the forward has
@@ -232,19 +257,9 @@ def test_weights_used_twice_get_each_use_accumulated_without_holding_it(model, c
     got = {}
     try:
         for share in (False, True):
-            if checkpointing:
-                model.gradient_checkpointing_enable({"use_reentrant": False})
-            model.train()
             counts.update(dict.fromkeys(weights, 0))
-            model.zero_grad()
-            try:
-                scores = score_trajectories(
-                    model, traj, spec, likelihood="exact", share_prompt=share, backward_once=True
-                )
-                (scores.action_logprob * traj.completion_mask).sum().backward()
-            finally:
-                model.gradient_checkpointing_disable()
-                model.eval()
+            with _training(model, "non_reentrant" if checkpointing else None):
+                _backward(model, traj, spec, likelihood="exact", share_prompt=share)
             got[share] = dict(counts), {n: w.grad.clone() for n, w in weights.items()}
     finally:
         for hook in hooks:
@@ -264,16 +279,9 @@ def test_reentrant_checkpointing_does_not_share_the_prompt(model):
     spec = MixtureSpec(k=K)
     got = {}
     for reentrant in (False, True):
-        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
-        model.train()
-        try:
+        with _training(model, "reentrant" if reentrant else "non_reentrant"):
             assert can_share_prompt(model) is not reentrant
-            model.zero_grad()
-            scores = score_trajectories(model, traj, spec, likelihood="token", backward_once=True)
-            (scores.action_logprob * traj.completion_mask).sum().backward()
-        finally:
-            model.gradient_checkpointing_disable()
-            model.eval()
+            _backward(model, traj, spec, likelihood="token")
         got[reentrant] = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
     for name, grad in got[False].items():
@@ -306,19 +314,9 @@ def test_shared_prompt_under_gradient_checkpointing_keeps_values_and_gradients(m
     spec = MixtureSpec(k=K, selection="sample", weighting="dirichlet")
     got = {}
     for checkpointing, share in ((False, False), (True, True)):
-        if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
-        model.train()
-        assert can_share_prompt(model)  # the shared path, not the fallback
-        try:
-            model.zero_grad()
-            scores = score_trajectories(
-                model, traj, spec, likelihood="exact", share_prompt=share, backward_once=True
-            )
-            (scores.action_logprob * traj.completion_mask).sum().backward()
-        finally:
-            model.gradient_checkpointing_disable()
-            model.eval()
+        with _training(model, "non_reentrant" if checkpointing else None):
+            assert can_share_prompt(model)  # the shared path, not the fallback
+            scores = _backward(model, traj, spec, likelihood="exact", share_prompt=share)
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         got[checkpointing] = scores.action_logprob.detach(), grads
     model.zero_grad()
