@@ -22,10 +22,9 @@ import torch
 from ._backend import resolve_backend
 from ._philox import StepNoise
 from .mixture_step import MixtureStep, mixture_step_ref, mixture_step_triton, triton_unsupported
-from .spec import MixtureSpec
+from .spec import RANDOM_SELECTIONS, MixtureSpec
 
 OP_NAME = "motg_fast::mixture_step"
-_RANDOM_SELECTIONS = ("sample", "sample_topk", "iid")
 
 
 def spec_key(spec: MixtureSpec) -> str:
@@ -42,15 +41,17 @@ def spec_from_key(key: str) -> MixtureSpec:
     return MixtureSpec(**dict(zip(MixtureSpec.field_names(), ast.literal_eval(key))))
 
 
+def noise_streams(spec: MixtureSpec) -> tuple[str, ...]:
+    """The `StepNoise` fields a step of `spec` reads, in draw order: its Gumbel streams
+    (Dirichlet's Gamma draws are not among them: see `check_compilable`)."""
+    streams = ("selection",) if spec.selection in RANDOM_SELECTIONS else ()
+    streams += ("weight",) if spec.weighting == "gumbel" else ()
+    return streams + (("token",) if spec.representative == "sample" else ())
+
+
 def missing_noise(spec: MixtureSpec, noise: StepNoise) -> str | None:
     """The random stream of `spec` that `noise` does not give (None when all are given)."""
-    if spec.selection in _RANDOM_SELECTIONS and noise.selection is None:
-        return "selection"
-    if spec.weighting == "gumbel" and noise.weight is None:
-        return "weight"
-    if spec.representative == "sample" and noise.token is None:
-        return "token"
-    return None
+    return next((name for name in noise_streams(spec) if getattr(noise, name) is None), None)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -153,6 +154,7 @@ __all__ = [
     "check_compilable",
     "mixture_step_compilable",
     "missing_noise",
+    "noise_streams",
     "spec_from_key",
     "spec_key",
     "uses_step_op",

@@ -44,28 +44,20 @@ import torch
 from ..kernels import MixtureSpec, StepNoise
 from ..kernels.mixture_math import gumbel_noise
 from ..kernels.mixture_step import selection_noise_shape
-from ..kernels.step_op import mixture_step_compilable
+from ..kernels.step_op import mixture_step_compilable, noise_streams
 from ..types import Phase
 from .decode_state import Active, Plan, Step, noisy_inputs
-
-SAMPLED_SELECTIONS = ("sample", "sample_topk", "iid")
 
 
 def draw_noise(
     spec: MixtureSpec, rows: int, vocab: int, generator, device: torch.device
 ) -> StepNoise:
-    """Every Gumbel stream a step of ``spec`` reads, `[N,V]`/`[N,k,V]` and `[N,k]`."""
-
-    def gumbel(shape):
-        return gumbel_noise(tuple(shape), device=device, generator=generator)
-
-    return StepNoise(
-        selection=gumbel(selection_noise_shape(spec, rows, vocab))
-        if spec.selection in SAMPLED_SELECTIONS
-        else None,
-        weight=gumbel((rows, spec.k)) if spec.weighting == "gumbel" else None,
-        token=gumbel((rows, spec.k)) if spec.representative == "sample" else None,
-    )
+    """Every Gumbel stream a step of ``spec`` reads (`noise_streams`), `[N,V]`/`[N,k,V]`
+    and `[N,k]`, drawn in that order."""
+    slots = (rows, spec.k)
+    shapes = dict(selection=selection_noise_shape(spec, rows, vocab), weight=slots, token=slots)
+    draw = functools.partial(gumbel_noise, device=device, generator=generator)
+    return StepNoise(**{name: draw(tuple(shapes[name])) for name in noise_streams(spec)})
 
 
 CAPACITY_BUCKET = 64  # cache capacities round up to a multiple: few distinct graphs
